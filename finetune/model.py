@@ -1,0 +1,200 @@
+"""Load the frozen, quantized base; prepare it for k-bit training; attach or load LoRA adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from finetune.config import Config, ModelConfig, QuantConfig, default_cache_dir
+from finetune.embedded import ensure_embedded_model, is_embedded
+from finetune.quant import build_bnb_config, torch_dtype
+
+
+def resolve_model_source(m: ModelConfig, cache_dir: Path, seed: int = 0) -> str:
+    """The folder or hub id that weights are loaded from.
+
+    Embedded models are converted once into the cache; `random_init` models are built from
+    `architecture` with random weights, saved once into the cache, and then loaded through the same
+    quantizing `from_pretrained` path as real checkpoints (transformers can only quantize on load).
+    """
+    if m.random_init:
+        return str(_random_model_dir(m, cache_dir, seed))
+    if is_embedded(m.name_or_path):
+        return str(ensure_embedded_model(m.name_or_path, cache_dir))
+    return m.name_or_path
+
+
+def _architecture_config(m: ModelConfig):
+    if m.architecture:
+        arch = dict(m.architecture)
+        return AutoConfig.for_model(arch.pop("model_type"), **arch)
+    return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+
+
+def _random_model_dir(m: ModelConfig, cache_dir: Path, seed: int) -> Path:
+    config = _architecture_config(m)
+    key = hashlib.sha256((config.to_json_string() + f"seed={seed}").encode()).hexdigest()[:16]
+    target = cache_dir / "random" / f"{config.model_type}-{key}"
+    if (target / "config.json").exists():
+        return target
+    torch.manual_seed(seed)
+    staged = target.with_name(target.name + ".tmp")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(staged)
+    staged.rename(target)
+    return target
+
+
+def module_names(source: str, m: ModelConfig) -> list[str]:
+    """Module names of the model, read from a weightless (meta-device) copy: no weights load."""
+    config = _architecture_config(m) if m.random_init else AutoConfig.from_pretrained(
+        source, revision=m.revision, trust_remote_code=m.trust_remote_code
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    return [name for name, _ in model.named_modules()]
+
+
+def load_tokenizer(m: ModelConfig, source: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(
+        m.tokenizer or source, revision=m.revision, trust_remote_code=m.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"the tokenizer of {m.tokenizer or source} has neither a pad nor an eos token; "
+                "name a tokenizer that has one with model.tokenizer=..."
+            )
+        # Padding positions carry label -100 and attention 0, so reusing eos as pad is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def device_map_for(q: QuantConfig, device: torch.device) -> Any:
+    """Put the whole base on this process's device unless the recipe places modules itself."""
+    if q.device_map:
+        return dict(q.device_map)
+    if q.max_memory:
+        return "auto"
+    return {"": device.index if device.type == "cuda" else str(device)}
+
+
+def load_base(cfg: Config, source: str, device: torch.device):
+    """The frozen base model, quantized on load as `quant.mode` says."""
+    m, q = cfg.model, cfg.quant
+    kwargs: dict[str, Any] = dict(
+        dtype=torch_dtype(q.compute_dtype),
+        device_map=device_map_for(q, device),
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+    )
+    if q.max_memory:
+        kwargs["max_memory"] = dict(q.max_memory)
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    bnb = build_bnb_config(q)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model.requires_grad_(False)
+    keep_cpu_4bit_weights_trainable(model)
+    return model
+
+
+def keep_cpu_4bit_weights_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit weight to a packed layout the
+    first time the layer runs in eval mode without grad, and keeps it: every later forward, in
+    training too, then goes through `gemv_4bit`, which has no autograd formula, so no gradient
+    reaches the layers below (the LoRA adapters of earlier layers stop learning). An eval pass or a
+    sample before training would trigger it, so the packing is switched off.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_config(cfg: Config) -> LoraConfig:
+    lo = cfg.lora
+    targets: Any = "all-linear" if list(lo.target_modules) == ["all-linear"] else list(lo.target_modules)
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=targets,
+        modules_to_save=list(lo.modules_to_save) or None,
+        bias=lo.bias,
+        use_rslora=lo.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare_for_training(model, cfg: Config):
+    """Make the base trainable through adapters: k-bit prep, gradient checkpointing, LoRA."""
+    if cfg.quant.mode != "none":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            # Non-reentrant checkpointing works with frozen inputs and is what torch recommends.
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
+    return get_peft_model(model, lora_config(cfg))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters, counting each 4-bit packed weight as its real element count."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total)
+
+
+def load_adapter(
+    adapter_or_run_dir: str | Path,
+    *,
+    device: Optional[torch.device] = None,
+    cache_dir: Optional[Path] = None,
+    is_trainable: bool = False,
+):
+    """Return (quantized base with the saved adapter, tokenizer, run config).
+
+    Accepts a run folder (uses its final adapter) or an adapter folder written by finetune; the
+    base is rebuilt with the same model and quantization settings recorded at training time.
+    """
+    from finetune.checkpoint import read_adapter_manifest, resolve_adapter_dir
+
+    adapter_dir = resolve_adapter_dir(Path(adapter_or_run_dir))
+    manifest = read_adapter_manifest(adapter_dir)
+    cfg = manifest.config
+    if device is None:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    source = resolve_model_source(cfg.model, cache_dir or default_cache_dir(), seed=cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model, source)
+    base = load_base(cfg, source, device)
+    if cfg.quant.mode != "none":
+        # The same k-bit preparation as in training (norms and embeddings upcast to fp32), so the
+        # reloaded model computes exactly what the trained one did.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=is_trainable and cfg.train.gradient_checkpointing)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    model.eval()
+    return model, tokenizer, cfg
+
+
+def describe_footprint(model) -> str:
+    return f"{model.get_memory_footprint() / 2**20:,.1f} MiB"
+
+
+def architecture_summary(model) -> str:
+    c = model.config
+    return json.dumps({k: getattr(c, k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size") if hasattr(c, k)})

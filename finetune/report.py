@@ -1,0 +1,66 @@
+"""The one-screen summaries printed at the start and the end of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune.config import Config
+from finetune.quant import describe
+
+
+def _rule(title: str) -> str:
+    return f"\n{'=' * 20} {title} {'=' * max(4, 58 - len(title))}"
+
+
+def print_start(
+    cfg: Config, *, source: str, footprint: int, trainable: int, total: int, data, world_size: int,
+    device: torch.device, mixed_precision: str, run_dir: Path,
+) -> None:
+    t = cfg.train
+    global_batch = t.batch_size * t.grad_accum * world_size
+    lines = [
+        _rule("finetune: start"),
+        f"model        {cfg.model.name_or_path}" + (f"  ({source})" if source != cfg.model.name_or_path else "")
+        + ("  [random weights]" if cfg.model.random_init else ""),
+        f"quant        {describe(cfg.quant)}",
+        f"footprint    {footprint / 2**20:,.1f} MiB (get_memory_footprint of the quantized base)",
+        f"trainable    {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)  "
+        f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(cfg.lora.target_modules)}",
+        f"data         {cfg.data.path} as {data.format}",
+        *[f"             {line}" for line in data.report.lines()],
+        f"steps        {t.max_steps} x {global_batch} rows (batch {t.batch_size} x accum {t.grad_accum} x "
+        f"{world_size} process(es)), lr {t.lr:g} {t.lr_scheduler}, optimizer {t.optimizer}",
+        f"device       {device}, mixed precision {mixed_precision}, "
+        f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+        f"output       {run_dir}",
+        "=" * 80,
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def print_end(summary: dict) -> None:
+    evals = summary["eval_loss"]
+    eval_line = (
+        f"eval loss    {evals[0][1]:.4f} (step {evals[0][0]}) -> {evals[-1][1]:.4f} (step {evals[-1][0]})"
+        if evals else "eval loss    (no eval split: set data.eval_fraction or data.eval_split)"
+    )
+    lines = [_rule("finetune: done")]
+    for (prompt, before), (_, after) in zip(summary["samples_before"], summary["samples_after"]):
+        lines += [f"prompt       {prompt!r}", f"  before     {before!r}", f"  after      {after!r}"]
+    first, final = summary["first_loss"], summary["final_loss"]
+    lines += [
+        f"train loss   {first:.4f} (first step) -> {final:.4f} (step {summary['steps']})"
+        if first is not None else "train loss   (no step completed)",
+        eval_line,
+        f"throughput   {summary['tokens_per_s']:,.0f} tokens/s ({summary['tokens']:,} tokens in "
+        f"{summary['train_seconds']:.1f} s of training; {summary['wall_seconds']:.0f} s wall)",
+        f"peak memory  {summary['peak_memory_gib']:.2f} GiB ({summary['peak_memory_kind']})",
+        f"adapter      {summary['adapter_dir']}",
+        f"load it      python -m finetune.generate adapter={Path(summary['adapter_dir']).parent} prompt='...'",
+        "=" * 80,
+    ]
+    if summary["skipped_nonfinite_steps"]:
+        lines.insert(-1, f"skipped      {summary['skipped_nonfinite_steps']} step(s) with a non-finite loss")
+    print("\n".join(lines), flush=True)
