@@ -111,6 +111,8 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     log_every: int = 1
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
+    resume: Optional[str] = None  # "auto": the latest complete checkpoint in output_dir; or a checkpoint path
+    keep_last: int = 2  # complete checkpoints kept; older ones are removed only after a new one is complete
 
 
 @dataclass
