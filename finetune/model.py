@@ -82,7 +82,10 @@ def device_map_for(q: QuantConfig, device: torch.device) -> Any:
         return dict(q.device_map)
     if q.max_memory:
         return "auto"
-    return {"": device.index if device.type == "cuda" else str(device)}
+    if device.type == "cuda":
+        # accelerate's single-GPU device is plain "cuda" (no index): that means the current device.
+        return {"": device.index if device.index is not None else torch.cuda.current_device()}
+    return {"": str(device)}
 
 
 def load_base(cfg: Config, source: str, device: torch.device):

@@ -1,0 +1,262 @@
+"""This project's QLoRA training step against the standard Hugging Face QLoRA recipe, same shapes and tokens.
+
+    python scripts/bench.py --shape bloom-1b7 --batch 4 --seq 2048
+    python scripts/bench.py --shape llama3-8b --batch 2 --seq 2048
+
+The HF recipe: transformers `Trainer` + peft LoRA r=16 on all linear layers + bitsandbytes NF4,
+double quantization, bf16 compute, `paged_adamw_32bit`, gradient checkpointing. Ours: the same
+settings through finetune's model builders and loop step. Models are built from configs with
+random weights (no hub). Both sides see the same rows in the same order: Zipf-distributed token
+ids, so the loss has something to learn and the two loss curves can be compared.
+
+Each side runs in its own subprocess so peak memory is its own. Prints tokens/s (timed steps after
+warm-up, each step synchronized), peak memory (torch.cuda.max_memory_allocated over the whole
+process, model load included), MFU against a bf16 matmul rate measured here, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "bloom-1b7": dict(model_type="bloom", vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16),
+    "llama3-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+}
+LR, LORA_R, LORA_ALPHA, LORA_DROPOUT = 2e-4, 16, 32, 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs: LoRA on a frozen base, gradient checkpointing. Per token: 2N forward, 2N recompute,
+# 2N for activation gradients (no weight gradients for the frozen base), plus causal attention
+# scores and values (2 * 2 * L * s * d per token forward, halved by the causal mask, x4 passes
+# for forward, recompute and the two-matmul backward). N counts every matmul weight, lm_head included.
+# ----------------------------------------------------------------------------------------------
+def flops_per_token(config, seq: int) -> tuple[float, int]:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    attention = 4 * (2 * layers * seq * hidden)  # causal: half of 4*L*s*d, for 4 passes
+    return 6 * n_matmul + attention, n_matmul
+
+
+def measure_bf16_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def build_random_model(shape: str, out: Path) -> Path:
+    """Save a random-weight bf16 model of `shape` (built on the GPU: an 8B init on CPU takes minutes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    arch = dict(SHAPES[shape])
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def make_rows(n_rows: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """Token ids drawn from a Zipf law over 1,024 ids: a unigram distribution a LoRA can learn fast."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.arange(1, 1025, dtype=torch.float64)
+    probs = (1 / ranks) / (1 / ranks).sum()
+    return torch.multinomial(probs, n_rows * seq, replacement=True, generator=gen).view(n_rows, seq) + 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers (one per subprocess)
+# ----------------------------------------------------------------------------------------------
+def worker_hf(model_dir: str, rows: torch.Tensor, batch: int, warmup: int) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from torch.utils.data import SequentialSampler
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model = prepare_model_for_kbit_training(model)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    ids = rows.tolist()
+    dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.losses, self._t = [], [], 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    class InOrderTrainer(Trainer):
+        # Same rows in the same order as our side, so the loss curves are comparable.
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    timer = Timer()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=batch, max_steps=len(rows) // batch, learning_rate=LR,
+            lr_scheduler_type="constant", optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=True,
+            logging_steps=1, report_to="none", save_strategy="no", remove_unused_columns=False, seed=0,
+            dataloader_drop_last=True,
+        )
+        InOrderTrainer(model=model, args=args, train_dataset=dataset, callbacks=[timer]).train()
+    return {"step_seconds": timer.times, "losses": timer.losses}
+
+
+def worker_ours(model_dir: str, rows: torch.Tensor, batch: int, warmup: int, overrides: list[str]) -> dict:
+    from finetune.loop import build_optimizer, causal_lm_loss_sum, count_targets
+    from finetune.model import load_base, prepare_for_training
+    from finetune.run import compose
+
+    cfg = compose([
+        f"model.name_or_path={model_dir}", "quant=nf4", f"lora.r={LORA_R}", f"lora.alpha={LORA_ALPHA}",
+        f"lora.dropout={LORA_DROPOUT}", "lora.target_modules=[all-linear]", "train.optimizer=paged_adamw_32bit",
+        f"train.lr={LR}", "train.gradient_checkpointing=true", "output_dir=/tmp/unused", *overrides,
+    ])
+    device = torch.device("cuda", 0)
+    base = load_base(cfg, model_dir, device)
+    torch.manual_seed(0)
+    model = prepare_for_training(base, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    model.train()
+    times, losses = [], []
+    for i in range(len(rows) // batch):
+        ids = rows[i * batch:(i + 1) * batch].to(device)
+        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_sum = causal_lm_loss_sum(model, b)
+        n = count_targets(b)
+        (loss_sum / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss_sum) / n)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return {"step_seconds": times, "losses": losses}
+
+
+def run_worker(args) -> None:
+    rows = torch.load(args.rows)
+    torch.cuda.reset_peak_memory_stats()
+    if args.worker == "hf":
+        result = worker_hf(args.model_dir, rows, args.batch, args.warmup)
+    else:
+        result = worker_ours(args.model_dir, rows, args.batch, args.warmup, args.override)
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="bloom-1b7")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sides", default="hf,ours")
+    p.add_argument("--override", action="append", default=[], help="a finetune config override for our side")
+    p.add_argument("--cache", default="/tmp/finetune-bench")
+    p.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--rows", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return run_worker(args)
+
+    from transformers import AutoConfig
+
+    cache = Path(args.cache)
+    model_dir = build_random_model(args.shape, cache / args.shape)
+    rows_file = cache / f"rows-{args.shape}-{args.batch}x{args.seq}.pt"
+    torch.save(make_rows((args.warmup + args.steps) * args.batch, args.seq), rows_file)
+    fpt, n_matmul = flops_per_token(AutoConfig.from_pretrained(model_dir), args.seq)
+    peak_tflops = measure_bf16_tflops()
+    print(f"shape {args.shape}: {n_matmul / 1e9:.3f}B matmul params, {fpt / 1e9:.2f} GFLOP/token at seq {args.seq}; "
+          f"measured bf16 matmul {peak_tflops:.0f} TFLOP/s -> limit {peak_tflops * 1e12 / fpt:,.0f} tokens/s", flush=True)
+
+    results = {}
+    for side in args.sides.split(","):
+        cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir), "--rows", str(rows_file),
+               "--batch", str(args.batch), "--warmup", str(args.warmup)]
+        cmd += [f"--override={o}" for o in args.override]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"--- {side} failed (exit {proc.returncode}) ---\n{proc.stderr[-4000:]}", flush=True)
+            continue
+        r = json.loads(line[len("RESULT "):])
+        timed = r["step_seconds"][args.warmup:]
+        r["tokens_per_s"] = args.batch * args.seq * len(timed) / sum(timed)
+        r["mfu"] = r["tokens_per_s"] * fpt / (peak_tflops * 1e12)
+        results[side] = r
+
+    print(f"\n| {args.shape} b{args.batch} s{args.seq} | tokens/s | peak GiB | MFU | loss step 1 | "
+          f"loss last 3 (mean) |\n|---|---|---|---|---|---|")
+    for side, r in results.items():
+        last = r["losses"][-3:]
+        print(f"| {side} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {100 * r['mfu']:.1f}% | "
+              f"{r['losses'][0]:.4f} | {sum(last) / len(last):.4f} |")
+    if "hf" in results and "ours" in results:
+        hf, ours = results["hf"], results["ours"]
+        print(f"\nours / hf: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
+              f"{ours['peak_gib'] / hf['peak_gib']:.2f}x peak memory")
+        diffs = [abs(a - b) for a, b in zip(hf["losses"], ours["losses"])]
+        print(f"per-step |loss_ours - loss_hf|: max {max(diffs):.4f}, mean {sum(diffs) / len(diffs):.4f} "
+              f"over {len(diffs)} steps")
+        print("losses hf  :", " ".join(f"{x:.3f}" for x in hf["losses"]))
+        print("losses ours:", " ".join(f"{x:.3f}" for x in ours["losses"]))
+
+
+if __name__ == "__main__":
+    main()
