@@ -620,8 +620,17 @@ class Collator:
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        packed = "position_ids" in rows[0]
+        # Packed rows: the padding gets positions 0, 1, ... so it reads as one more (unlabelled) example.
+        position_ids = torch.arange(width, dtype=torch.long).repeat(len(rows), 1) if packed else None
         for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
             input_ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
             labels[i, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
             attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            if packed:
+                position_ids[i, :n] = torch.as_tensor(r["position_ids"], dtype=torch.long)
+                position_ids[i, n:] = torch.arange(width - n)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if packed:
+            batch["position_ids"] = position_ids  # the model gets these instead of the attention mask
+        return batch

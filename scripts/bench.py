@@ -100,8 +100,7 @@ def worker_hf(model_dir: str, rows: torch.Tensor, batch: int, warmup: int) -> di
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from torch.utils.data import SequentialSampler
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
@@ -147,7 +146,8 @@ def worker_hf(model_dir: str, rows: torch.Tensor, batch: int, warmup: int) -> di
     return {"step_seconds": timer.times, "losses": timer.losses}
 
 
-def worker_ours(model_dir: str, rows: torch.Tensor, batch: int, warmup: int, overrides: list[str]) -> dict:
+def worker_ours(model_dir: str, rows: torch.Tensor, batch: int, warmup: int, overrides: list[str],
+                profile: bool = False) -> dict:
     from finetune.loop import build_optimizer, causal_lm_loss_sum, count_targets
     from finetune.model import load_base, prepare_for_training
     from finetune.run import compose
@@ -165,6 +165,14 @@ def worker_ours(model_dir: str, rows: torch.Tensor, batch: int, warmup: int, ove
     optimizer = build_optimizer(params, cfg)
     model.train()
     times, losses = [], []
+    profiler = None
+    if profile:
+        from torch.profiler import ProfilerActivity, schedule
+        from torch.profiler import profile as torch_profile
+
+        profiler = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                 schedule=schedule(wait=0, warmup=warmup, active=2, repeat=1))
+        profiler.start()
     for i in range(len(rows) // batch):
         ids = rows[i * batch:(i + 1) * batch].to(device)
         b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -180,6 +188,12 @@ def worker_ours(model_dir: str, rows: torch.Tensor, batch: int, warmup: int, ove
         losses.append(float(loss_sum) / n)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        if profiler is not None:
+            profiler.step()
+    if profiler is not None:
+        profiler.stop()
+        print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60),
+              file=sys.stderr, flush=True)
     return {"step_seconds": times, "losses": losses}
 
 
@@ -189,7 +203,7 @@ def run_worker(args) -> None:
     if args.worker == "hf":
         result = worker_hf(args.model_dir, rows, args.batch, args.warmup)
     else:
-        result = worker_ours(args.model_dir, rows, args.batch, args.warmup, args.override)
+        result = worker_ours(args.model_dir, rows, args.batch, args.warmup, args.override, args.profile)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -207,6 +221,7 @@ def main() -> None:
     p.add_argument("--sides", default="hf,ours")
     p.add_argument("--override", action="append", default=[], help="a finetune config override for our side")
     p.add_argument("--cache", default="/tmp/finetune-bench")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two of our steps")
     p.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
@@ -229,8 +244,10 @@ def main() -> None:
     for side in args.sides.split(","):
         cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir), "--rows", str(rows_file),
                "--batch", str(args.batch), "--warmup", str(args.warmup)]
-        cmd += [f"--override={o}" for o in args.override]
+        cmd += [f"--override={o}" for o in args.override] + (["--profile"] if args.profile else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        if args.profile and side == "ours":
+            print(proc.stderr[proc.stderr.find("Name"):][-9000:] if "Name" in proc.stderr else "", flush=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(f"--- {side} failed (exit {proc.returncode}) ---\n{proc.stderr[-4000:]}", flush=True)

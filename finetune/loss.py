@@ -1,0 +1,128 @@
+"""Next-token cross-entropy for causal LMs, with a chunked path that never holds the full logits.
+
+The plain path materializes logits of shape tokens x vocab (and an fp32 copy for the loss): for
+bloom's 250,880-token vocabulary at 4 x 2048 tokens that is 4 GiB in bf16 plus 8 GiB in fp32, most
+of a QLoRA run's peak memory. The chunked path runs the decoder, then the frozen LM head one chunk of
+tokens at a time, computing each chunk's loss and its gradient with respect to the hidden states in
+the same pass (softmax - one-hot, times the head's weight); backward then only scales that stored
+gradient. Same arithmetic as the plain path (bf16 logits under autocast, fp32 log-softmax), so the
+loss is equal to rounding; no weight gradient is computed because the head is frozen in LoRA.
+
+Written here rather than taken from Liger-Kernel's fused linear cross-entropy because it must run on
+the CPU as well (Liger is Triton-only) and a frozen head needs none of the weight-gradient work.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: the autocast dtype if autocast is on, as F.linear would."""
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy over tokens of `hidden @ weight.T (+ bias)`, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int):
+        dtype = _compute_dtype(weight)
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if hidden.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            y = labels[start:start + chunk_size]
+            valid = y != IGNORE_INDEX
+            if not bool(valid.any()):
+                continue
+            h = hidden[start:start + chunk_size].to(dtype)
+            logits = F.linear(h, w, b).float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            safe_y = torch.where(valid, y, 0)
+            nll = -log_probs.gather(1, safe_y[:, None]).squeeze(1)
+            total += (nll * valid).sum()
+            if grad_hidden is not None:
+                # d(sum nll)/d logits = softmax - one_hot, on labelled rows only
+                grad_logits = log_probs.exp_()
+                grad_logits[torch.arange(len(y), device=y.device), safe_y] -= 1
+                grad_logits *= valid[:, None]
+                grad_hidden[start:start + chunk_size] = grad_logits.to(dtype) @ w
+        ctx.save_for_backward(grad_hidden)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden is None:
+            return None, None, None, None, None
+        return (grad_hidden * grad_total).to(ctx.hidden_dtype), None, None, None, None
+
+
+def _decoder_and_head(model):
+    """(decoder, lm_head) of a (PEFT-wrapped) HF causal LM, or None where it has another shape."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(causal_lm, getattr(causal_lm, "base_model_prefix", ""), None)
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    if decoder is None or not isinstance(head, torch.nn.Linear):
+        return None
+    if any(p.requires_grad for p in head.parameters()):
+        return None  # a trainable head (modules_to_save) needs its weight gradient: plain path
+    return decoder, head
+
+
+def supports_chunked_loss(model) -> bool:
+    return _decoder_and_head(model) is not None
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model gets: packed rows pass position ids and no attention mask (transformers then
+    builds a block-diagonal causal mask from the restarting positions)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the labelled tokens of a batch.
+
+    `chunk_size` > 0 uses the chunked frozen-head path (where the model allows it); 0 the plain one.
+    A batch may carry `position_ids` (packed rows) instead of `attention_mask`.
+    """
+    inputs = model_inputs(batch)
+    labels = batch["labels"][:, 1:]
+    parts = _decoder_and_head(model) if chunk_size > 0 else None
+    if parts is None:
+        logits = model(**inputs).logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    decoder, head = parts
+    hidden = decoder(**inputs).last_hidden_state[:, :-1]
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))
+    return _FrozenHeadCrossEntropy.apply(flat_hidden, head.weight, head.bias, labels.reshape(-1), chunk_size)
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def per_example_loss_sums(model, batch: dict[str, torch.Tensor], chunk_size: int = 0,
+                          example_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Loss sum per example (rows, or packed examples given `example_ids` per token): for tests."""
+    logits = model(**model_inputs(batch)).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    if example_ids is None:
+        return nll.sum(dim=1)
+    ids = example_ids[:, 1:]
+    return torch.zeros(int(ids.max()) + 1, dtype=nll.dtype).index_add_(0, ids.reshape(-1), nll.reshape(-1))
