@@ -85,18 +85,35 @@ def build_random_model(shape: str, out: Path) -> Path:
     return out
 
 
-def make_rows(n_rows: int, seq: int, seed: int = 0) -> torch.Tensor:
-    """Token ids drawn from a Zipf law over 1,024 ids: a unigram distribution a LoRA can learn fast."""
+def make_examples(n: int, seq: int, min_len: int, seed: int = 0) -> list[torch.Tensor]:
+    """Examples of token ids drawn from a Zipf law over 1,024 ids (a unigram law a LoRA learns fast),
+    of lengths uniform in [min_len, seq] (all `seq` when min_len == seq)."""
     gen = torch.Generator().manual_seed(seed)
     ranks = torch.arange(1, 1025, dtype=torch.float64)
     probs = (1 / ranks) / (1 / ranks).sum()
-    return torch.multinomial(probs, n_rows * seq, replacement=True, generator=gen).view(n_rows, seq) + 3
+    lengths = torch.randint(min_len, seq + 1, (n,), generator=gen) if min_len < seq else torch.full((n,), seq)
+    return [torch.multinomial(probs, int(k), replacement=True, generator=gen) + 3 for k in lengths]
+
+
+def make_batches(examples: list[torch.Tensor], batch: int, seq: int, packing: bool) -> list[dict]:
+    """Right-padded batches of `batch` examples, or of `batch` packed rows of at most `seq` tokens,
+    through finetune's own collator and packer."""
+    import datasets
+
+    from finetune.data import Collator
+    from finetune.packing import pack
+
+    rows = datasets.Dataset.from_list([{"input_ids": e.tolist(), "labels": e.tolist()} for e in examples])
+    if packing:
+        rows = pack(rows, seq)
+    collate = Collator(pad_token_id=0)
+    return [collate([rows[j] for j in range(i, i + batch)]) for i in range(0, len(rows) - batch + 1, batch)]
 
 
 # ----------------------------------------------------------------------------------------------
 # Workers (one per subprocess)
 # ----------------------------------------------------------------------------------------------
-def worker_hf(model_dir: str, rows: torch.Tensor, batch: int, warmup: int) -> dict:
+def worker_hf(model_dir: str, batches: list[dict], batch: int, warmup: int) -> dict:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from torch.utils.data import SequentialSampler
@@ -110,8 +127,13 @@ def worker_hf(model_dir: str, rows: torch.Tensor, batch: int, warmup: int) -> di
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
-    ids = rows.tolist()
-    dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    # One row per example, in batch order; the Trainer pads them with finetune's collator (labels -100).
+    from finetune.data import Collator
+
+    examples = [{"input_ids": b["input_ids"][i][b["attention_mask"][i].bool()].tolist(),
+                 "labels": b["labels"][i][b["attention_mask"][i].bool()].tolist()}
+                for b in batches for i in range(len(b["input_ids"]))]
+    dataset = Dataset.from_list(examples)
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -137,19 +159,22 @@ def worker_hf(model_dir: str, rows: torch.Tensor, batch: int, warmup: int) -> di
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=batch, max_steps=len(rows) // batch, learning_rate=LR,
+            output_dir=out, per_device_train_batch_size=batch, max_steps=len(batches), learning_rate=LR,
             lr_scheduler_type="constant", optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=True,
             logging_steps=1, report_to="none", save_strategy="no", remove_unused_columns=False, seed=0,
             dataloader_drop_last=True,
         )
-        InOrderTrainer(model=model, args=args, train_dataset=dataset, callbacks=[timer]).train()
-    return {"step_seconds": timer.times, "losses": timer.losses}
+        InOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(0),
+                       callbacks=[timer]).train()
+    tokens = [int(b["attention_mask"].sum()) for b in batches]
+    return {"step_seconds": timer.times, "losses": timer.losses, "step_tokens": tokens}
 
 
-def worker_ours(model_dir: str, rows: torch.Tensor, batch: int, warmup: int, overrides: list[str],
+def worker_ours(model_dir: str, batches: list[dict], batch: int, warmup: int, overrides: list[str],
                 profile: bool = False) -> dict:
-    from finetune.loop import build_optimizer, causal_lm_loss_sum, count_targets
-    from finetune.model import load_base, prepare_for_training
+    from finetune.loop import build_optimizer
+    from finetune.loss import causal_lm_loss_sum, count_targets
+    from finetune.model import compile_blocks, load_base, prepare_for_training
     from finetune.run import compose
 
     cfg = compose([
@@ -161,10 +186,12 @@ def worker_ours(model_dir: str, rows: torch.Tensor, batch: int, warmup: int, ove
     base = load_base(cfg, model_dir, device)
     torch.manual_seed(0)
     model = prepare_for_training(base, cfg)
+    if cfg.speed.compile:
+        compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     model.train()
-    times, losses = [], []
+    times, losses, tokens = [], [], []
     profiler = None
     if profile:
         from torch.profiler import ProfilerActivity, schedule
@@ -173,13 +200,13 @@ def worker_ours(model_dir: str, rows: torch.Tensor, batch: int, warmup: int, ove
         profiler = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                  schedule=schedule(wait=0, warmup=warmup, active=2, repeat=1))
         profiler.start()
-    for i in range(len(rows) // batch):
-        ids = rows[i * batch:(i + 1) * batch].to(device)
-        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        tokens.append(int(b["attention_mask"].sum()))
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss_sum = causal_lm_loss_sum(model, b)
+            loss_sum = causal_lm_loss_sum(model, b, cfg.speed.loss_chunk_size)
         n = count_targets(b)
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -194,16 +221,18 @@ def worker_ours(model_dir: str, rows: torch.Tensor, batch: int, warmup: int, ove
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60),
               file=sys.stderr, flush=True)
-    return {"step_seconds": times, "losses": losses}
+    return {"step_seconds": times, "losses": losses, "step_tokens": tokens}
 
 
 def run_worker(args) -> None:
-    rows = torch.load(args.rows)
+    examples = torch.load(args.rows)
+    packing = any(o == "data.packing=true" for o in args.override)
+    batches = make_batches(examples, args.batch, args.seq, packing)
     torch.cuda.reset_peak_memory_stats()
     if args.worker == "hf":
-        result = worker_hf(args.model_dir, rows, args.batch, args.warmup)
+        result = worker_hf(args.model_dir, batches, args.batch, args.warmup)
     else:
-        result = worker_ours(args.model_dir, rows, args.batch, args.warmup, args.override, args.profile)
+        result = worker_ours(args.model_dir, batches, args.batch, args.warmup, args.override, args.profile)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -218,8 +247,12 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min-len", type=int, default=0,
+                   help="examples of lengths uniform in [min-len, seq] instead of full rows (try data.packing=true)")
     p.add_argument("--sides", default="hf,ours")
     p.add_argument("--override", action="append", default=[], help="a finetune config override for our side")
+    p.add_argument("--variant", action="append", default=[],
+                   help="LABEL=key=value,key=value: one more run of our side with these overrides")
     p.add_argument("--cache", default="/tmp/finetune-bench")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two of our steps")
     p.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
@@ -233,18 +266,23 @@ def main() -> None:
 
     cache = Path(args.cache)
     model_dir = build_random_model(args.shape, cache / args.shape)
-    rows_file = cache / f"rows-{args.shape}-{args.batch}x{args.seq}.pt"
-    torch.save(make_rows((args.warmup + args.steps) * args.batch, args.seq), rows_file)
+    rows_file = cache / f"examples-{args.shape}-{args.batch}x{args.seq}-{args.min_len}.pt"
+    min_len = args.min_len or args.seq
+    torch.save(make_examples((args.warmup + args.steps) * args.batch, args.seq, min_len), rows_file)
     fpt, n_matmul = flops_per_token(AutoConfig.from_pretrained(model_dir), args.seq)
     peak_tflops = measure_bf16_tflops()
     print(f"shape {args.shape}: {n_matmul / 1e9:.3f}B matmul params, {fpt / 1e9:.2f} GFLOP/token at seq {args.seq}; "
           f"measured bf16 matmul {peak_tflops:.0f} TFLOP/s -> limit {peak_tflops * 1e12 / fpt:,.0f} tokens/s", flush=True)
 
+    runs = [(side, side, args.override) for side in args.sides.split(",") if side]
+    for variant in args.variant:
+        label, _, overrides = variant.partition("=")
+        runs.append((label, "ours", args.override + [o for o in overrides.split(",") if o]))
     results = {}
-    for side in args.sides.split(","):
-        cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir), "--rows", str(rows_file),
-               "--batch", str(args.batch), "--warmup", str(args.warmup)]
-        cmd += [f"--override={o}" for o in args.override] + (["--profile"] if args.profile else [])
+    for side, worker, overrides in runs:
+        cmd = [sys.executable, __file__, "--worker", worker, "--model-dir", str(model_dir), "--rows", str(rows_file),
+               "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
+        cmd += [f"--override={o}" for o in overrides] + (["--profile"] if args.profile else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if args.profile and side == "ours":
             print(proc.stderr[proc.stderr.find("Name"):][-9000:] if "Name" in proc.stderr else "", flush=True)
@@ -253,8 +291,8 @@ def main() -> None:
             print(f"--- {side} failed (exit {proc.returncode}) ---\n{proc.stderr[-4000:]}", flush=True)
             continue
         r = json.loads(line[len("RESULT "):])
-        timed = r["step_seconds"][args.warmup:]
-        r["tokens_per_s"] = args.batch * args.seq * len(timed) / sum(timed)
+        # real (non-padding) tokens over the timed steps after warm-up
+        r["tokens_per_s"] = sum(r["step_tokens"][args.warmup:]) / sum(r["step_seconds"][args.warmup:])
         r["mfu"] = r["tokens_per_s"] * fpt / (peak_tflops * 1e12)
         results[side] = r
 
@@ -264,15 +302,17 @@ def main() -> None:
         last = r["losses"][-3:]
         print(f"| {side} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {100 * r['mfu']:.1f}% | "
               f"{r['losses'][0]:.4f} | {sum(last) / len(last):.4f} |")
-    if "hf" in results and "ours" in results:
-        hf, ours = results["hf"], results["ours"]
-        print(f"\nours / hf: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
-              f"{ours['peak_gib'] / hf['peak_gib']:.2f}x peak memory")
-        diffs = [abs(a - b) for a, b in zip(hf["losses"], ours["losses"])]
-        print(f"per-step |loss_ours - loss_hf|: max {max(diffs):.4f}, mean {sum(diffs) / len(diffs):.4f} "
-              f"over {len(diffs)} steps")
-        print("losses hf  :", " ".join(f"{x:.3f}" for x in hf["losses"]))
-        print("losses ours:", " ".join(f"{x:.3f}" for x in ours["losses"]))
+    if "hf" in results:
+        hf = results["hf"]
+        print("\nlosses hf:", " ".join(f"{x:.3f}" for x in hf["losses"]))
+        for side, r in results.items():
+            if side == "hf":
+                continue
+            diffs = [abs(a - b) for a, b in zip(hf["losses"], r["losses"])]
+            print(f"{side} / hf: {r['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
+                  f"{r['peak_gib'] / hf['peak_gib']:.2f}x peak memory; per-step |loss - loss_hf| "
+                  f"max {max(diffs):.4f}, mean {sum(diffs) / len(diffs):.4f} over {len(diffs)} steps")
+            print(f"losses {side}:", " ".join(f"{x:.3f}" for x in r["losses"]))
 
 
 if __name__ == "__main__":
