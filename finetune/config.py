@@ -113,6 +113,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     resume: Optional[str] = None  # "auto": the latest complete checkpoint in output_dir; or a checkpoint path
     keep_last: int = 2  # complete checkpoints kept; older ones are removed only after a new one is complete
+    # Run at most this many steps in this launch, then save a checkpoint and exit 0: for time-boxed
+    # jobs on shared clusters, relaunched with train.resume=auto until the run finishes.
+    stop_after_steps: Optional[int] = None
 
 
 @dataclass
@@ -305,6 +308,12 @@ def check_config(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> 
         p.append(f"train.max_grad_norm must be >= 0, 0 turns clipping off (got {t.max_grad_norm})")
     if t.warmup_steps >= t.max_steps > 0:
         p.append(f"train.warmup_steps ({t.warmup_steps}) must be less than train.max_steps ({t.max_steps})")
+    if t.keep_last < 1:
+        p.append(f"train.keep_last must be at least 1 (got {t.keep_last}): a resumable run needs its latest checkpoint")
+    if t.stop_after_steps is not None and t.stop_after_steps <= 0:
+        p.append(f"train.stop_after_steps must be a positive integer or null (got {t.stop_after_steps})")
+    if t.resume is not None and not str(t.resume).strip():
+        p.append("train.resume is empty: use train.resume=auto or train.resume=PATH/TO/checkpoints/step-N")
     if t.optimizer != "adamw" and not cuda_available and t.optimizer.startswith("paged"):
         p.append(f"train.optimizer={t.optimizer} pages optimizer state through CUDA memory; on the CPU use adamw or adamw_8bit")
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +24,23 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from finetune import report
-from finetune.checkpoint import adapter_manifest, save_adapter, write_json_atomic
-from finetune.config import Config
+from finetune.checkpoint import (
+    TrainState,
+    adapter_manifest,
+    check_resumable,
+    disk_errors,
+    load_checkpoint,
+    restore_rng,
+    save_adapter,
+    save_checkpoint,
+    write_json_atomic,
+)
+from finetune.config import Config, ConfigError
 from finetune.data import Collator, build_datasets, encode_prompt
+from finetune.fingerprint import run_fingerprint
 from finetune.model import count_parameters, load_base, load_tokenizer, prepare_for_training
 from finetune.sampler import EpochBatches
+from finetune.signals import StopSignals
 
 
 @dataclass
@@ -120,8 +134,17 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
 
 
-def train(cfg: Config, source: str, run_dir: Path) -> RunResult:
-    """Fine-tune LoRA adapters on the quantized base at `source`; return the end summary."""
+def train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path] = None) -> RunResult:
+    """Fine-tune LoRA adapters on the quantized base at `source`; return the end summary.
+
+    `resume_from` is a complete checkpoint (checkpoint.resolve_resume) to go on from exactly.
+    SIGTERM/SIGINT stop the run at the end of the current step with a checkpoint (exit 128 + signal).
+    """
+    with StopSignals() as stop:
+        return _train(cfg, source, run_dir, resume_from, stop)
+
+
+def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path], stop: StopSignals) -> RunResult:
     t = cfg.train
     accelerator = Accelerator(
         mixed_precision=mixed_precision(cfg),
@@ -133,7 +156,10 @@ def train(cfg: Config, source: str, run_dir: Path) -> RunResult:
     started = time.perf_counter()
 
     # 1. Tokenizer and data first: bad data fails in seconds, before the model loads.
-    tokenizer = load_tokenizer(cfg.model, source)
+    try:
+        tokenizer = load_tokenizer(cfg.model, source)
+    except (OSError, ValueError) as e:
+        raise ConfigError([f"the tokenizer of {cfg.model.tokenizer or cfg.model.name_or_path} cannot be used: {e}"]) from e
     with accelerator.main_process_first():
         data = build_datasets(cfg.data, tokenizer, seed=t.seed)
     collate = Collator(tokenizer.pad_token_id)
@@ -141,6 +167,10 @@ def train(cfg: Config, source: str, run_dir: Path) -> RunResult:
         data.train, t.batch_size, collate, seed=t.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
+    # What the trained state depends on (base, quant, LoRA, tokenizer, data), recorded in every
+    # checkpoint and adapter; a checkpoint of anything else is refused here, before the model loads.
+    fingerprint = run_fingerprint(cfg, source, tokenizer, data.train, data.eval)
+    changed = check_resumable(resume_from, fingerprint, cfg, accelerator.num_processes) if resume_from else []
 
     # 2. The frozen quantized base, prepared for k-bit training, with LoRA adapters on top.
     model = load_base(cfg, source, device)
@@ -156,6 +186,10 @@ def train(cfg: Config, source: str, run_dir: Path) -> RunResult:
     )
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Resuming: adapter weights, optimizer, scheduler, scaler, data position and counters as saved.
+    checkpoint_parts = dict(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                            sampler=train_batches)
+    state = load_checkpoint(resume_from, **checkpoint_parts) if resume_from else TrainState()
 
     if cfg.log.wandb:
         accelerator.init_trackers(
@@ -169,6 +203,9 @@ def train(cfg: Config, source: str, run_dir: Path) -> RunResult:
             data=data, world_size=accelerator.num_processes, device=device,
             mixed_precision=accelerator.mixed_precision, run_dir=run_dir,
         )
+        if resume_from:
+            print(f"resuming     from {resume_from} (step {state.step} of {t.max_steps})"
+                  + "".join(f"\n             changed since: {line}" for line in changed), flush=True)
 
     def eval_batches():
         if data.eval is None:
@@ -179,17 +216,26 @@ def train(cfg: Config, source: str, run_dir: Path) -> RunResult:
         ).one_epoch()
         return batches if t.eval_batches is None else batches[: t.eval_batches]
 
-    eval_history: list[tuple[int, float]] = []
-    if data.eval is not None:
-        eval_history.append((0, evaluate(model, eval_batches(), accelerator)))
-    samples_before = generate_samples(accelerator.unwrap_model(model), tokenizer, cfg, data.format) if is_main else []
+    if not resume_from:  # a resumed run has these from its checkpoint
+        if data.eval is not None:
+            state.evals.append([0, evaluate(model, eval_batches(), accelerator)])
+        if is_main:
+            state.samples_before = generate_samples(accelerator.unwrap_model(model), tokenizer, cfg, data.format)
+
+    def save(step: int) -> Path:
+        manifest = adapter_manifest(cfg, source=source, step=step, fingerprint=fingerprint)
+        return save_checkpoint(run_dir, state, manifest=manifest, keep_last=t.keep_last, **checkpoint_parts)
 
     # 4. The loop. A step is one optimizer update over grad_accum micro-batches.
     model.train()
     batches = iter(train_batches)
-    tokens_seen, train_seconds, bad_steps_in_row, skipped_steps = 0, 0.0, 0, 0
-    loss_history: list[tuple[int, float]] = []
-    progress = tqdm(range(1, t.max_steps + 1), desc="training", disable=not is_main, dynamic_ncols=True)
+    first_step = state.step + 1
+    if resume_from:
+        # Last thing before the first resumed step, so the LoRA dropout masks (torch RNG) and every
+        # other random draw continue exactly where the interrupted run left them.
+        restore_rng(resume_from, accelerator.process_index)
+    progress = tqdm(range(first_step, t.max_steps + 1), initial=first_step - 1, total=t.max_steps,
+                    desc="training", disable=not is_main, dynamic_ncols=True)
     for step in progress:
         step_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(t.grad_accum)]
@@ -209,64 +255,95 @@ def train(cfg: Config, source: str, run_dir: Path) -> RunResult:
                 # step's gradient the mean over all target tokens of the global batch.
                 accelerator.backward(loss_sum * accelerator.num_processes / max(global_targets, 1))
             step_loss_sum += loss_sum.detach().double()
-            tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            state.tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
 
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
         loss = float(accelerator.reduce(step_loss_sum, reduction="sum")) / max(global_targets, 1)
-        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
-            # A non-finite step would poison the adapter: drop its gradients and count it.
-            optimizer.zero_grad(set_to_none=True)
-            skipped_steps += 1
-            bad_steps_in_row += 1
+        finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
+        scaler_overflow = accelerator.scaler is not None and math.isfinite(loss) and not finite
+        if finite or accelerator.scaler is not None:
+            # With an fp16 grad scaler this runs on non-finite steps too: the scaler then skips the
+            # update itself and lowers its scale (it must see every step, or it never recovers).
+            optimizer.step()
+        if finite:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
+        state.step = step
+        state.train_seconds += time.perf_counter() - step_start
+
+        if finite:
+            state.bad_steps_in_row = 0
+            state.losses.append([step, loss])
+        else:
+            # A non-finite step would poison the adapter: it is skipped and counted. An fp16 scaler's
+            # overflow (finite loss, inf gradients) is its normal way to find a scale; it is counted
+            # but does not end the run, since each one halves the scale.
+            state.skipped_steps += 1
+            state.bad_steps_in_row += 0 if scaler_overflow else 1
             progress.write(f"step {step}: non-finite loss {loss} / grad norm {float(grad_norm)}; step skipped")
-            if bad_steps_in_row >= t.max_nonfinite_steps:
+            if state.bad_steps_in_row >= t.max_nonfinite_steps:
                 raise TrainingError(
-                    f"{bad_steps_in_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
+                    f"{state.bad_steps_in_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
                     "lower train.lr, check the data, or use quant.compute_dtype=bfloat16. "
                     "No adapter was saved from these steps."
                 )
-            continue
-        bad_steps_in_row = 0
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - step_start
-        loss_history.append((step, loss))
-
-        if step % t.log_every == 0 or step == t.max_steps:
+        if finite and (step % t.log_every == 0 or step == t.max_steps):
             lr = scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / train_seconds:,.0f}")
+            tok_s = state.tokens_seen / state.train_seconds
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
-                             "train/tokens_per_s": tokens_seen / train_seconds}, step=step)
+                             "train/tokens_per_s": tok_s}, step=step)
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and data.eval is not None:
             eval_loss = evaluate(model, eval_batches(), accelerator)
-            eval_history.append((step, eval_loss))
+            state.evals.append([step, eval_loss])
             accelerator.log({"eval/loss": eval_loss}, step=step)
             progress.write(f"step {step}: eval loss {eval_loss:.4f}")
-        if t.save_every and step % t.save_every == 0 and step != t.max_steps and is_main:
-            save_adapter(accelerator.unwrap_model(model), run_dir / "checkpoints" / f"step-{step:06d}",
-                         adapter_manifest(cfg, source=source, step=step))
+        # The last step is always checkpointed: a run killed while it writes its adapter, or one
+        # given more steps later, goes on from its final state.
+        saved = save(step) if step == t.max_steps or (t.save_every and step % t.save_every == 0) else None
+
+        # A stop request ends the run here with a checkpoint, resumable with train.resume=auto:
+        # SIGTERM/SIGINT (preemption, Ctrl-C), or train.stop_after_steps (a time-boxed job). The
+        # processes agree on it first: one stopping alone would leave the others waiting forever.
+        signum = int(accelerator.gather(torch.tensor([stop.received or 0], device=device)).max())
+        time_boxed = t.stop_after_steps is not None and step - first_step + 1 >= t.stop_after_steps
+        if (signum or time_boxed) and step < t.max_steps:
+            saved = saved or save(step)
+            progress.close()
+            why = f"by {signal.Signals(signum).name}" if signum else f"after train.stop_after_steps={t.stop_after_steps}"
+            if is_main:
+                print(f"\nfinetune: stopped {why} at step {step} of {t.max_steps}; checkpoint {saved}\n"
+                      "  go on with the same command plus train.resume=auto", flush=True)
+            accelerator.end_training()
+            if signum:
+                raise SystemExit(128 + signum)  # as a shell reports a process ended by that signal
+            return RunResult({"stopped_at_step": step, "checkpoint": str(saved)},
+                             accelerator.unwrap_model(model), tokenizer)
     progress.close()
 
     # 5. Final eval, adapter, samples and the end-of-run summary.
     if data.eval is not None:
-        eval_history.append((t.max_steps, evaluate(model, eval_batches(), accelerator)))
-        accelerator.log({"eval/loss": eval_history[-1][1]}, step=t.max_steps)
+        state.evals.append([t.max_steps, evaluate(model, eval_batches(), accelerator)])
+        accelerator.log({"eval/loss": state.evals[-1][1]}, step=t.max_steps)
     accelerator.wait_for_everyone()
     summary: dict = {}
     if is_main:
         unwrapped = accelerator.unwrap_model(model)
-        adapter_dir = save_adapter(unwrapped, run_dir / "adapter", adapter_manifest(cfg, source=source, step=t.max_steps))
+        # Checked on the way out: every LoRA tensor there, all finite, none still all zero.
+        adapter_dir = save_adapter(unwrapped, run_dir / "adapter",
+                                   adapter_manifest(cfg, source=source, step=t.max_steps, fingerprint=fingerprint))
         peak, peak_kind = peak_memory_gib(device)
         summary = {
             "steps": t.max_steps,
-            "skipped_nonfinite_steps": skipped_steps,
-            "first_loss": loss_history[0][1] if loss_history else None,
-            "final_loss": loss_history[-1][1] if loss_history else None,
-            "eval_loss": eval_history,
-            "tokens": tokens_seen,
-            "train_seconds": train_seconds,
-            "tokens_per_s": tokens_seen / train_seconds if train_seconds else 0.0,
+            "skipped_nonfinite_steps": state.skipped_steps,
+            "first_loss": state.losses[0][1] if state.losses else None,
+            "final_loss": state.losses[-1][1] if state.losses else None,
+            "losses": state.losses,
+            "eval_loss": state.evals,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "tokens": state.tokens_seen,
+            "train_seconds": state.train_seconds,
+            "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
             "peak_memory_gib": peak,
             "peak_memory_kind": peak_kind,
             "memory_footprint_bytes": footprint,
@@ -274,10 +351,11 @@ def train(cfg: Config, source: str, run_dir: Path) -> RunResult:
             "total_params": total,
             "adapter_dir": str(adapter_dir),
             "wall_seconds": time.perf_counter() - started,
-            "samples_before": samples_before,
+            "samples_before": state.samples_before,
             "samples_after": generate_samples(unwrapped, tokenizer, cfg, data.format),
         }
-        write_json_atomic(run_dir / "summary.json", summary)
+        with disk_errors("summary.json", run_dir):
+            write_json_atomic(run_dir / "summary.json", summary)
         report.print_end(summary)
     accelerator.end_training()
     return RunResult(summary, accelerator.unwrap_model(model), tokenizer)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from finetune.data import DataError
+
 
 class EpochBatches:
     def __init__(
@@ -30,9 +32,10 @@ class EpochBatches:
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch, self.batch_in_epoch = 0, 0  # the position of the next batch
         if drop_last and self.batches_per_epoch() == 0:
-            raise ValueError(
-                f"the training set has {len(dataset)} rows, fewer than one global batch "
-                f"(train.batch_size={batch_size} x {world_size} process(es)); lower train.batch_size or add data"
+            raise DataError(
+                f"the training set has {len(dataset)} rows (after filtering and the eval hold-out), fewer than "
+                f"one global batch (train.batch_size={batch_size} x {world_size} process(es)); lower "
+                "train.batch_size or add data"
             )
 
     def batches_per_epoch(self) -> int:
@@ -59,10 +62,15 @@ class EpochBatches:
         return [self._load(b) for b in self._epoch_indices(0)]
 
     def state_dict(self) -> dict[str, int]:
+        """The position of the next batch; with the seed it fixes every batch still to come."""
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        epoch, position = int(state["epoch"]), int(state["batch_in_epoch"])
+        # batch_in_epoch may equal the epoch's length: the epoch is used up and the next one starts.
+        if epoch < 0 or not 0 <= position <= self.batches_per_epoch():
+            raise ValueError(f"data position {state} is outside this dataset ({self.batches_per_epoch()} batches per epoch)")
+        self.epoch, self.batch_in_epoch = epoch, position
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:

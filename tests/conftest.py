@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -66,9 +69,68 @@ def tiny_run_args(model_dir: Path, data_file: Path, out: Path, *extra: str) -> l
     ]
 
 
-def run_cli(args: list[str], cache_dir: Path, module: str = "finetune", timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FINETUNE_CACHE": str(cache_dir), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+def cli_env(cache_dir: Path) -> dict[str, str]:
+    return {**os.environ, "FINETUNE_CACHE": str(cache_dir), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_cli(args: list[str], cache_dir: Path, module: str = "finetune", timeout: int = 600,
+            **popen_kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True,
+        timeout=timeout, **popen_kwargs,
     )
+
+
+class LiveCli:
+    """The real CLI running in the background, its output collected as it comes (for signals and kills)."""
+
+    def __init__(self, args: list[str], cache_dir: Path):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "finetune", *args], cwd=ROOT, env=cli_env(cache_dir),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        self._readers = [
+            threading.Thread(target=self._pump, args=(self.process.stdout, self._out), daemon=True),
+            threading.Thread(target=self._pump, args=(self.process.stderr, self._err), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _pump(stream, chunks: list[bytes]) -> None:
+        # read1 returns as soon as anything arrives: tqdm redraws its bar with \r, never a newline.
+        while chunk := stream.read1(4096):
+            chunks.append(chunk)
+
+    @property
+    def stdout(self) -> str:
+        return b"".join(self._out).decode(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return b"".join(self._err).decode(errors="replace")
+
+    def steps_done(self) -> int:
+        """The last step the progress bar reported as done (0 before the first)."""
+        done = re.findall(r"training: +\d+%\|[^|]*\| *(\d+)/\d+ \[", self.stderr)
+        return int(done[-1]) if done else 0
+
+    def wait_until(self, condition, timeout: float = 300, poll: float = 0.0005) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                raise AssertionError(f"the run ended (exit {self.process.returncode}) before the awaited moment:\n"
+                                     + self.stderr[-3000:])
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError("timed out waiting for the run:\n" + self.stderr[-3000:])
+            time.sleep(poll)
+
+    def wait(self, timeout: float = 600) -> int:
+        code = self.process.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return code
