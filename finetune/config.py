@@ -90,6 +90,9 @@ class DataConfig:
     eval_fraction: float = 0.0  # or a seeded hold-out of the train split
     max_samples: Optional[int] = None
     num_proc: Optional[int] = None
+    # Pack several examples into each row of max_length tokens (position ids restart per example, so
+    # none attends to or is trained to predict another): no compute is spent on padding.
+    packing: bool = False
 
 
 @dataclass
@@ -119,6 +122,21 @@ class TrainConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Speed settings. Defaults keep the standard QLoRA arithmetic; each is tested against the plain path."""
+
+    # Tokens per chunk of the fused LM-head loss, which never holds the full logits (a large share of
+    # peak memory for big vocabularies); 0 computes full logits as transformers does.
+    loss_chunk_size: int = 1024
+    # torch.compile each repeated decoder block (accelerate's regional compilation): fuses the
+    # elementwise work around the matmuls. Costs a compile at the first step.
+    compile: bool = False
+    # peft's k-bit recipe upcasts the non-quantized frozen weights (norms, embeddings, head) to fp32.
+    # false keeps them in the compute dtype: less memory and casting, slightly different rounding.
+    fp32_frozen: bool = True
+
+
+@dataclass
 class SampleConfig:
     # Prompts generated before and after training, so a user sees what the adapter changed.
     prompts: list[str] = field(default_factory=list)
@@ -140,6 +158,7 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/default"
@@ -281,6 +300,13 @@ def check_config(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> 
     if not lo.target_modules:
         p.append("lora.target_modules is empty: name modules, e.g. [q_proj,v_proj], or [all-linear]")
 
+    if cfg.speed.compile and cfg.speed.fp32_frozen and q.mode != "none":
+        # Measured: bloom-1b7 NF4 on an H100 gave NaN losses from the second step with compiled blocks
+        # and fp32-upcast norms (scripts/bench.py, 2026-11-25); with bf16 norms it matched the eager loss.
+        p.append("speed.compile=true with speed.fp32_frozen=true gave NaN losses in our GPU benchmark; "
+                 "set speed.fp32_frozen=false with speed.compile=true")
+    if cfg.speed.loss_chunk_size < 0:
+        p.append(f"speed.loss_chunk_size must be >= 0, 0 turns the chunked loss off (got {cfg.speed.loss_chunk_size})")
     if d.max_length < 8:
         p.append(f"data.max_length must be at least 8 tokens (got {d.max_length})")
     if not 0.0 <= d.eval_fraction < 1.0:

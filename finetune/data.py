@@ -21,6 +21,7 @@ import torch
 from jinja2.exceptions import TemplateError
 
 from finetune.config import DataConfig
+from finetune.packing import fill_ratio, pack
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -69,6 +70,8 @@ class DataReport:
     eval_rows: int
     train_tokens: int
     target_tokens: int
+    packed_rows: int = 0  # with data.packing: the rows the train examples were packed into
+    packed_fill: float = 0.0  # the share of those rows' token slots holding real tokens
 
     def lines(self) -> list[str]:
         out = [
@@ -85,6 +88,8 @@ class DataReport:
             out.append(f"truncated to data.max_length: {self.truncated} rows")
         share = self.target_tokens / self.train_tokens if self.train_tokens else 0.0
         out.append(f"train tokens: {self.train_tokens}, trained on: {self.target_tokens} ({share:.0%})")
+        if self.packed_rows:
+            out.append(f"packed: {self.train_rows} examples into {self.packed_rows} rows ({self.packed_fill:.0%} full)")
         return out
 
 
@@ -590,6 +595,10 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
     train = train.remove_columns(_HELPER_COLUMNS)
     if evaluation is not None:
         evaluation = evaluation.remove_columns(_HELPER_COLUMNS)
+    if cfg.packing:
+        train = pack(train, cfg.max_length)
+        evaluation = pack(evaluation, cfg.max_length) if evaluation is not None else None
+        report.packed_rows, report.packed_fill = len(train), fill_ratio(train, cfg.max_length)
     return PreparedData(train=train, eval=evaluation, report=report, format=fmt)
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
@@ -38,7 +37,8 @@ from finetune.checkpoint import (
 from finetune.config import Config, ConfigError
 from finetune.data import Collator, build_datasets, encode_prompt
 from finetune.fingerprint import run_fingerprint
-from finetune.model import count_parameters, load_base, load_tokenizer, prepare_for_training
+from finetune.loss import causal_lm_loss_sum, count_targets
+from finetune.model import compile_blocks, count_parameters, load_base, load_tokenizer, prepare_for_training
 from finetune.sampler import EpochBatches
 from finetune.signals import StopSignals
 
@@ -74,27 +74,15 @@ def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the labelled tokens of a batch (fp32 logits)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
-
-
-def count_targets(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
 @torch.no_grad()
-def evaluate(model, batches, accelerator: Accelerator) -> float:
+def evaluate(model, batches, accelerator: Accelerator, loss_chunk_size: int) -> float:
     """Mean loss per target token over the eval batches, across every process."""
     model.eval()
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            totals[0] += causal_lm_loss_sum(model, batch).double()
+            totals[0] += causal_lm_loss_sum(model, batch, loss_chunk_size).double()
         totals[1] += count_targets(batch)
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
@@ -176,6 +164,8 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     model = load_base(cfg, source, device)
     footprint = model.get_memory_footprint()
     model = prepare_for_training(model, cfg)
+    if cfg.speed.compile:
+        compile_blocks(model)  # compiled on the first step's shapes; later shapes may recompile
     trainable, total = count_parameters(model)
 
     # 3. Optimizer over the adapter parameters only; the LR schedule counts optimizer steps.
@@ -218,9 +208,11 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
 
     if not resume_from:  # a resumed run has these from its checkpoint
         if data.eval is not None:
-            state.evals.append([0, evaluate(model, eval_batches(), accelerator)])
+            state.evals.append([0, evaluate(model, eval_batches(), accelerator, cfg.speed.loss_chunk_size)])
         if is_main:
-            state.samples_before = generate_samples(accelerator.unwrap_model(model), tokenizer, cfg, data.format)
+            # Under autocast as in training: the adapters expect the autocast dtype (model.prepare_for_training).
+            with accelerator.autocast():
+                state.samples_before = generate_samples(accelerator.unwrap_model(model), tokenizer, cfg, data.format)
 
     def save(step: int) -> Path:
         manifest = adapter_manifest(cfg, source=source, step=step, fingerprint=fingerprint)
@@ -250,7 +242,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    loss_sum = causal_lm_loss_sum(model, batch)
+                    loss_sum = causal_lm_loss_sum(model, batch, cfg.speed.loss_chunk_size)
                 # DDP averages gradients over processes; scaling by the process count makes the
                 # step's gradient the mean over all target tokens of the global batch.
                 accelerator.backward(loss_sum * accelerator.num_processes / max(global_targets, 1))
@@ -294,7 +286,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
                              "train/tokens_per_s": tok_s}, step=step)
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and data.eval is not None:
-            eval_loss = evaluate(model, eval_batches(), accelerator)
+            eval_loss = evaluate(model, eval_batches(), accelerator, cfg.speed.loss_chunk_size)
             state.evals.append([step, eval_loss])
             accelerator.log({"eval/loss": eval_loss}, step=step)
             progress.write(f"step {step}: eval loss {eval_loss:.4f}")
@@ -323,7 +315,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
 
     # 5. Final eval, adapter, samples and the end-of-run summary.
     if data.eval is not None:
-        state.evals.append([t.max_steps, evaluate(model, eval_batches(), accelerator)])
+        state.evals.append([t.max_steps, evaluate(model, eval_batches(), accelerator, cfg.speed.loss_chunk_size)])
         accelerator.log({"eval/loss": state.evals[-1][1]}, step=t.max_steps)
     accelerator.wait_for_everyone()
     summary: dict = {}
@@ -333,6 +325,8 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         adapter_dir = save_adapter(unwrapped, run_dir / "adapter",
                                    adapter_manifest(cfg, source=source, step=t.max_steps, fingerprint=fingerprint))
         peak, peak_kind = peak_memory_gib(device)
+        with accelerator.autocast():
+            samples_after = generate_samples(unwrapped, tokenizer, cfg, data.format)
         summary = {
             "steps": t.max_steps,
             "skipped_nonfinite_steps": state.skipped_steps,
@@ -352,7 +346,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             "adapter_dir": str(adapter_dir),
             "wall_seconds": time.perf_counter() - started,
             "samples_before": state.samples_before,
-            "samples_after": generate_samples(unwrapped, tokenizer, cfg, data.format),
+            "samples_after": samples_after,
         }
         with disk_errors("summary.json", run_dir):
             write_json_atomic(run_dir / "summary.json", summary)

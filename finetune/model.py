@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from finetune.config import Config, ModelConfig, QuantConfig, default_cache_dir
@@ -59,6 +60,18 @@ def module_names(source: str, m: ModelConfig) -> list[str]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     return [name for name, _ in model.named_modules()]
+
+
+def accepts_position_ids(source: str, m: ModelConfig) -> bool:
+    """Whether the model's forward takes position ids, which packed rows need to keep examples apart."""
+    import inspect
+
+    config = _architecture_config(m) if m.random_init else AutoConfig.from_pretrained(
+        source, revision=m.revision, trust_remote_code=m.trust_remote_code
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    return "position_ids" in inspect.signature(type(model).forward).parameters
 
 
 def load_tokenizer(m: ModelConfig, source: str) -> PreTrainedTokenizerBase:
@@ -141,20 +154,47 @@ def lora_config(cfg: Config) -> LoraConfig:
     )
 
 
+def upcast_frozen_weights(model, cfg: Config):
+    """peft's k-bit recipe: non-quantized frozen weights (norms, embeddings, head) to fp32, if asked."""
+    if cfg.quant.mode != "none" and cfg.speed.fp32_frozen:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
 def prepare_for_training(model, cfg: Config):
     """Make the base trainable through adapters: k-bit prep, gradient checkpointing, LoRA."""
-    if cfg.quant.mode != "none":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-            # Non-reentrant checkpointing works with frozen inputs and is what torch recommends.
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif cfg.train.gradient_checkpointing:
+    model.requires_grad_(False)
+    model = upcast_frozen_weights(model, cfg)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs and is what torch recommends.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
-    return get_peft_model(model, lora_config(cfg))
+    model = get_peft_model(model, lora_config(cfg))
+    if cfg.quant.compute_dtype != "float32":
+        # Training runs under autocast, which casts a LoRA matmul's inputs itself; peft's own cast of
+        # every adapter input to the fp32 adapter dtype only adds a full copy of the activations per
+        # adapter. (Generation of samples must then also run under autocast.)
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    return model
+
+
+def compile_blocks(model) -> int:
+    """torch.compile each repeated decoder block in place; returns how many were compiled.
+
+    Regional compilation: the blocks share one class, so the first compile is reused by the rest.
+    In place (`Module.compile`), unlike accelerate's `compile_regions`, which rebuilds the modules
+    and so renames the adapter weights in the state dict that PEFT saves.
+    """
+    blocks = max(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+         and len({type(b) for b in m}) == 1),
+        key=len, default=None,
+    )
+    for block in blocks or []:
+        block.compile()
+    return len(blocks or [])
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -185,10 +225,11 @@ def load_adapter(
     source = resolve_model_source(cfg.model, cache_dir or default_cache_dir(), seed=cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model, source)
     base = load_base(cfg, source, device)
-    if cfg.quant.mode != "none":
-        # The same k-bit preparation as in training (norms and embeddings upcast to fp32), so the
-        # reloaded model computes exactly what the trained one did.
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=is_trainable and cfg.train.gradient_checkpointing)
+    # The same upcast of frozen weights as in training, so the reloaded model computes exactly what
+    # the trained one did.
+    base = upcast_frozen_weights(base, cfg)
+    if is_trainable and cfg.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
     model.eval()
     return model, tokenizer, cfg

@@ -41,7 +41,7 @@ def validate(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None) -> tu
     import torch
 
     from finetune.checkpoint import CheckpointError, find_latest_complete, resolve_resume
-    from finetune.model import module_names, resolve_model_source
+    from finetune.model import accepts_position_ids, module_names, resolve_model_source
 
     cuda = torch.cuda.is_available()
     problems = check_config(cfg, cuda_available=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
@@ -64,6 +64,9 @@ def validate(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None) -> tu
         with PartialState().main_process_first():
             source = resolve_model_source(cfg.model, cache_dir or default_cache_dir(), seed=cfg.train.seed)
         problems += check_architecture(cfg, module_names(source, cfg.model))
+        if cfg.data.packing and not accepts_position_ids(source, cfg.model):
+            problems.append(f"data.packing=true needs a model that takes position ids; {cfg.model.name_or_path} "
+                            "does not (e.g. bloom's ALiBi attention): set data.packing=false")
     except (OSError, ValueError, RuntimeError) as e:
         problems.append(f"model.name_or_path={cfg.model.name_or_path!r} could not be read: {e}")
     if problems:

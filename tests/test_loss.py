@@ -53,3 +53,30 @@ def test_chunked_loss_equals_plain_loss_and_gradients(arch, autocast, request, t
 def test_trainable_head_falls_back_to_the_plain_path(tiny_llama):
     model = _model(tiny_llama, "lora.modules_to_save=[lm_head]")
     assert not supports_chunked_loss(model)
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_llama, tokenizer):
+    from finetune.model import compile_blocks
+
+    model = _model(tiny_llama, "speed.fp32_frozen=false")
+    enc = tokenizer(["What is the capital of France? Paris."], return_tensors="pt")
+    batch = {**enc, "labels": enc["input_ids"].clone()}
+    eager_loss, eager_grads = _loss_and_grads(model, batch, 16, autocast=True)
+    assert compile_blocks(model) == 2
+    compiled_loss, compiled_grads = _loss_and_grads(model, batch, 16, autocast=True)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-3, atol=0)
+    # Inductor keeps fused elementwise math in fp32 where eager rounds to bf16 between ops: compare
+    # the gradients as one vector by relative error, which bf16 rounding keeps near 1e-2.
+    eager = torch.cat([g.flatten() for g in eager_grads.values()])
+    compiled = torch.cat([compiled_grads[n].flatten() for n in eager_grads])
+    assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
+    # adapter weights keep their names, so saved adapters load anywhere
+    assert any(k.endswith("layers.0.self_attn.q_proj.lora_A.default.weight") for k in model.state_dict())
+
+
+def test_bf16_frozen_weights_change_the_loss_only_by_rounding(tiny_llama, tokenizer):
+    enc = tokenizer(["What is the capital of France? Paris."], return_tensors="pt")
+    batch = {**enc, "labels": enc["input_ids"].clone()}
+    fp32_loss, _ = _loss_and_grads(_model(tiny_llama), batch, 0, autocast=True)
+    bf16_loss, _ = _loss_and_grads(_model(tiny_llama, "speed.fp32_frozen=false"), batch, 0, autocast=True)
+    torch.testing.assert_close(bf16_loss, fp32_loss, rtol=1e-2, atol=0)

@@ -79,3 +79,18 @@ def test_an_example_cannot_see_its_neighbour(tiny_llama, tokenizer):
         after = per_example_loss_sums(model, changed, example_ids=example_ids)
     assert not torch.allclose(before[0], after[0])  # the edited example changed
     torch.testing.assert_close(after[1:], before[1:], rtol=1e-6, atol=1e-6)  # its neighbours did not
+
+
+def test_a_packed_run_through_the_cli_trains_and_reports_packing(tiny_llama, instruction_file, cache_dir, tmp_path):
+    from tests.conftest import run_cli, tiny_run_args
+
+    result = run_cli(tiny_run_args(tiny_llama, instruction_file, tmp_path / "run", "data.packing=true"), cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "packed: 28 examples into" in result.stdout
+
+
+def test_packing_is_refused_for_a_model_without_position_ids(tiny_bloom, instruction_file, cache_dir, tmp_path):
+    from tests.conftest import run_cli, tiny_run_args
+
+    result = run_cli(tiny_run_args(tiny_bloom, instruction_file, tmp_path / "run", "data.packing=true"), cache_dir)
+    assert result.returncode == 2 and "data.packing=true needs a model that takes position ids" in result.stderr
