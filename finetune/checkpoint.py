@@ -228,7 +228,8 @@ def check_saved_adapter(model, folder: Path, *, trained: bool) -> None:
     zero = [k for k in lora_keys if ".lora_B." in k and not saved[k].any()]
     if trained and zero:
         problems.append(f"{len(zero)} of {len(lora_keys) // 2} LoRA B matrices are still all zero after training, "
-                        f"e.g. {zero[0]}: those layers never learned (every step skipped, or no gradient reached them)")
+                        f"e.g. {zero[0]}: those layers never learned (every step skipped, a train.lr too small to "
+                        "move them, or no gradient reached them)")
     if problems:
         raise CheckpointError("refusing to save a broken adapter:\n  - " + "\n  - ".join(problems))
 
@@ -474,8 +475,8 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
 def check_resumable(checkpoint: Path, fingerprint: dict[str, str], cfg: Config, world_size: int) -> list[str]:
     """Refuse a checkpoint trained on something else; return notes on training settings that changed.
 
-    Base model, quantization, LoRA, tokenizer and training data must be the same (by fingerprint),
-    and the global batch layout too (the data position is counted in batches). Other train.*
+    Base model, quantization, LoRA, tokenizer and data must be the same (by fingerprint), and the
+    global batch layout too (the data position is counted in batches). train.* and speed.*
     settings may change (more steps, another learning rate); the run then differs from an
     uninterrupted one, and the notes say so.
     """
@@ -498,10 +499,11 @@ def check_resumable(checkpoint: Path, fingerprint: dict[str, str], cfg: Config, 
             f"cannot resume from {checkpoint}: it was trained on something else:\n  - " + "\n  - ".join(problems)
             + "\n  Resume with the settings it was trained with, or start a new run in another output_dir"
         )
-    now = OmegaConf.to_container(OmegaConf.structured(cfg.train))
+    now = OmegaConf.to_container(OmegaConf.structured(cfg))
     ignored = ("resume", "stop_after_steps", "keep_last", "save_every", "eval_every", "log_every")
-    return [f"train.{k}: {saved_train.get(k)!r} -> {v!r}" for k, v in now.items()
-            if k not in ignored and saved_train.get(k) != v]
+    return [f"{group}.{k}: {manifest['config'].get(group, {}).get(k)!r} -> {v!r}"
+            for group in ("train", "speed") for k, v in now.get(group, {}).items()
+            if k not in ignored and manifest["config"].get(group, {}).get(k) != v]
 
 
 def load_checkpoint(checkpoint: Path, *, accelerator, model, optimizer, scheduler, sampler) -> TrainState:

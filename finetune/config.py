@@ -328,8 +328,8 @@ def check_config(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> 
     for name in ("warmup_steps", "eval_every", "save_every"):
         if getattr(t, name) < 0:
             p.append(f"train.{name} must be >= 0 (got {getattr(t, name)})")
-    if t.lr <= 0:
-        p.append(f"train.lr must be positive (got {t.lr})")
+    if not 0 < t.lr < 3.4e38:  # parameters and optimizer steps are float32
+        p.append(f"train.lr must be positive and finite in float32 (got {t.lr}); 1e-4 to 1e-3 is usual for LoRA")
     if t.max_grad_norm < 0:
         p.append(f"train.max_grad_norm must be >= 0, 0 turns clipping off (got {t.max_grad_norm})")
     if t.warmup_steps >= t.max_steps > 0:

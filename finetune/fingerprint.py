@@ -113,7 +113,7 @@ _PART_KEYS = {
     "tokenizer": ("model.tokenizer", "model.name_or_path"),
     "data": tuple(f"data.{k}" for k in ("path", "name", "split", "format", "max_length", "length_policy",
                                          "train_on_prompt", "eval_fraction", "eval_split", "max_samples",
-                                         "prompt_template", "system_prompt")),
+                                         "prompt_template", "system_prompt", "packing")),
 }
 _PART_NAMES = {
     "base": "the base model",
