@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -42,17 +43,28 @@ class ModelConfig:
 
 @dataclass
 class QuantConfig:
-    mode: str = "nf4"  # nf4 | fp4 (4-bit), int8 (LLM.int8), none (16-bit LoRA)
+    mode: str = "nf4"  # nf4 | fp4 (4-bit), int8 (LLM.int8), none (unquantized 16-bit LoRA, for comparison)
+    # dtype of the 4-bit matmuls and of every unquantized module (embeddings, norms, output head)
     compute_dtype: str = "bfloat16"
+    # 4-bit: quantize the per-block absmax constants as well (about 0.37 bit per parameter saved)
     double_quant: bool = True
+    # 4-bit: the dtype the packed weights are stored in; bfloat16 lets FSDP shard them with bf16 params
     quant_storage: str = "uint8"
+    # int8: activation columns with any |value| above this are multiplied in fp16 (LLM.int8 outliers);
+    # 0 turns the decomposition off (every column in int8)
     int8_threshold: float = 6.0
+    # Modules kept unquantized (bitsandbytes' llm_int8_skip_modules; 4-bit modes honour it too), on top
+    # of the ones transformers keeps by default (the output head): leaf names or module paths.
     int8_skip_modules: Optional[list[str]] = None
+    # With quant.device_map sending modules to the CPU: keep those modules unquantized there, so a
+    # base larger than the GPU loads (bitsandbytes' llm_int8_enable_fp32_cpu_offload).
     int8_fp32_cpu_offload: bool = False
-    # Where each module lives, e.g. {"": 0} or {"transformer.h.20": "cpu"}; None puts the whole
+    # Where each module lives, e.g. {"": 0} or {"transformer.h.20": "cpu", ...}; None puts the whole
     # base on the local process's device.
-    device_map: Optional[dict[str, Any]] = None
-    max_memory: Optional[dict[str, str]] = None
+    # (Empty rather than None by default: OmegaConf cannot merge a command-line dict into a None.)
+    device_map: Optional[dict[str, Any]] = field(default_factory=dict)
+    # Per-device limits for an automatic device_map, e.g. {0: 10GiB, cpu: 60GiB}.
+    max_memory: Optional[dict[Any, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -257,9 +269,6 @@ def check_config(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> 
                 + (f" (did you mean '{hint[0]}'?)" if hint else "")
             )
 
-    one_of("quant.mode", q.mode, QUANT_MODES)
-    one_of("quant.compute_dtype", q.compute_dtype, DTYPES)
-    one_of("quant.quant_storage", q.quant_storage, QUANT_STORAGE)
     one_of("data.format", d.format, DATA_FORMATS)
     one_of("data.length_policy", d.length_policy, LENGTH_POLICIES)
     one_of("train.optimizer", t.optimizer, OPTIMIZERS)
@@ -275,21 +284,7 @@ def check_config(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> 
         )
     if t.mixed_precision == "fp16" and not cuda_available:
         p.append("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no")
-    if q.mode in ("nf4", "fp4", "int8") and q.compute_dtype == "float16" and t.mixed_precision == "bf16":
-        p.append("quant.compute_dtype=float16 with train.mixed_precision=bf16 mixes two half types; pick one")
-
-    if q.mode != "int8":
-        if q.int8_skip_modules:
-            p.append(f"quant.int8_skip_modules is set but quant.mode={q.mode}: it applies only to int8")
-        if q.int8_fp32_cpu_offload:
-            p.append(
-                f"quant.int8_fp32_cpu_offload applies only to quant.mode=int8 (got {q.mode}); "
-                "4-bit bases cannot keep CPU-offloaded modules in fp32 during training"
-            )
-    if q.int8_fp32_cpu_offload and not (q.device_map or q.max_memory):
-        p.append("quant.int8_fp32_cpu_offload needs quant.device_map or quant.max_memory to say what goes to the CPU")
-    if q.int8_threshold <= 0:
-        p.append(f"quant.int8_threshold must be > 0 (got {q.int8_threshold}); 6.0 is the LLM.int8 default")
+    p += check_quant(cfg, cuda_available=cuda_available)
 
     if lo.r <= 0:
         p.append(f"lora.r must be a positive integer (got {lo.r}); 8 to 64 is usual")
@@ -365,16 +360,149 @@ def check_architecture(cfg: Config, module_names: list[str]) -> list[str]:
     for name in cfg.lora.modules_to_save:
         if name not in leaves and name not in module_names:
             p.append(f"lora.modules_to_save has '{name}', which this model does not have")
-    for name in cfg.quant.int8_skip_modules or []:
-        if name not in leaves and name not in module_names:
-            hint = difflib.get_close_matches(name, sorted(leaves), n=1)
+    p += check_quant_architecture(cfg, module_names)
+    return p
+
+
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_GPU = re.compile(r"^(cuda(:\d+)?|\d+)$")
+
+
+def _is_gpu(device: Any) -> bool:
+    return (isinstance(device, int) and not isinstance(device, bool) and device >= 0) or bool(_GPU.match(str(device)))
+
+
+def check_quant(cfg: Config, *, cuda_available: bool) -> list[str]:
+    """Problems with the quant.* settings and their placement (device_map, max_memory), before loading."""
+    p: list[str] = []
+    q, t = cfg.quant, cfg.train
+    for name, value, allowed in (("mode", q.mode, QUANT_MODES), ("compute_dtype", q.compute_dtype, DTYPES),
+                                 ("quant_storage", q.quant_storage, QUANT_STORAGE)):
+        if value not in allowed:
+            hint = difflib.get_close_matches(str(value), allowed, n=1)
+            p.append(f"quant.{name}={value!r} is not one of {', '.join(allowed)}"
+                     + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    quantized = q.mode in ("nf4", "fp4", "int8")
+    if quantized and q.compute_dtype == "float16" and t.mixed_precision == "bf16":
+        p.append("quant.compute_dtype=float16 with train.mixed_precision=bf16 mixes two half types; pick one")
+    if q.mode in ("int8", "none") and q.quant_storage != "uint8":
+        p.append(f"quant.quant_storage applies to the 4-bit modes (nf4, fp4), not quant.mode={q.mode}; remove it")
+    if q.int8_threshold < 0:
+        p.append(f"quant.int8_threshold must be >= 0 (got {q.int8_threshold}); 6.0 is the LLM.int8 default, 0 turns outliers off")
+    if q.mode == "none" and q.int8_skip_modules:
+        p.append("quant.int8_skip_modules keeps modules out of quantization, but quant.mode=none quantizes nothing; remove it")
+    p += _check_saved_quantization(cfg)
+    p += _check_placement(q, cuda_available=cuda_available)
+    return p
+
+
+def _check_saved_quantization(cfg: Config) -> list[str]:
+    """A base saved already quantized loads as it was saved; the recipe must say the same settings.
+
+    Requiring a match (rather than silently taking the folder's settings) keeps `quant.*` a true
+    record of the loaded base in the summary, the adapter manifest and resume fingerprints.
+    """
+    from finetune.quant import saved_mismatches, saved_mode, saved_quantization
+
+    folder = cfg.model.name_or_path
+    saved = saved_quantization(folder) if not cfg.model.random_init and os.path.isdir(folder) else None
+    if not saved:
+        return []
+    if saved_mode(saved) is None:
+        return [
+            f"model.name_or_path={folder!r} is quantized with {saved.get('quant_method', 'an unknown method')!r}; "
+            "finetune loads bitsandbytes bases only (save one with `python -m finetune.quantize`)"
+        ]
+    mismatches = saved_mismatches(cfg.quant, saved)
+    if not mismatches:
+        return []
+    return [
+        f"model.name_or_path={folder!r} holds a base saved already quantized, and it loads only as saved, but "
+        f"the recipe differs: {'; '.join(m for m, _ in mismatches)}. Add `{' '.join(o for _, o in mismatches)}`, "
+        "or point model.name_or_path at the unquantized base"
+    ]
+
+
+def _check_placement(q: QuantConfig, *, cuda_available: bool) -> list[str]:
+    p: list[str] = []
+    quantized = q.mode in ("nf4", "fp4", "int8")
+    devices = list((q.device_map or {}).values())
+    on_cpu = [d for d in devices if str(d) == "cpu"]
+    on_gpu = [d for d in devices if _is_gpu(d)]
+    for name, device in (q.device_map or {}).items():
+        if str(device) == "disk":
             p.append(
-                f"quant.int8_skip_modules has '{name}', which this model does not have"
+                f"quant.device_map sends '{name}' to disk: training needs every module in memory; "
+                "send it to 'cpu' (with quant.int8_fp32_cpu_offload=true) instead"
+            )
+        elif str(device) != "cpu" and not _is_gpu(device):
+            p.append(f"quant.device_map sends '{name}' to {device!r}: use a GPU index (0, 1, ...) or 'cpu'")
+    if on_gpu and not cuda_available:
+        p.append("quant.device_map places modules on a GPU, but no GPU is visible; drop quant.device_map to train on the CPU")
+    if q.device_map and q.max_memory:
+        p.append("set quant.device_map or quant.max_memory, not both: max_memory only guides an automatic device_map")
+    for device, size in (q.max_memory or {}).items():
+        if not (str(device) == "cpu" or str(device).isdigit()):
+            p.append(f"quant.max_memory has the key {device!r}: use GPU indices (0, 1, ...) and cpu")
+        if not _SIZE.match(str(size)):
+            p.append(f"quant.max_memory[{device}]={size!r} is not a size: write e.g. '10GiB' or '500MB'")
+    if quantized and on_cpu and on_gpu and not q.int8_fp32_cpu_offload:
+        p.append(
+            "quant.device_map splits the base between a GPU and the CPU: transformers loads a quantized base "
+            "split that way only with quant.int8_fp32_cpu_offload=true, which keeps the CPU modules unquantized"
+        )
+    if q.int8_fp32_cpu_offload:
+        if not quantized:
+            p.append("quant.int8_fp32_cpu_offload keeps CPU modules out of quantization, but quant.mode=none quantizes nothing; remove it")
+        elif not cuda_available:
+            p.append(
+                "quant.int8_fp32_cpu_offload splits the base between a GPU and the CPU, but no GPU is visible "
+                "(on the CPU the whole base is on the CPU already); remove it and quant.device_map / quant.max_memory"
+            )
+        elif not q.device_map:
+            p.append(
+                "quant.int8_fp32_cpu_offload needs quant.device_map naming the modules that go to the CPU"
+                + (
+                    " (with quant.max_memory alone, transformers quantizes every layer before it decides the "
+                    "placement, so nothing would stay unquantized)" if q.max_memory else ""
+                )
+            )
+        elif not on_cpu:
+            p.append("quant.int8_fp32_cpu_offload is set but quant.device_map sends no module to 'cpu'")
+    return p
+
+
+def _matches_module(pattern: str, name: str) -> bool:
+    """transformers' rule for skip modules: a path prefix at a module boundary, a regex, or a suffix."""
+    try:
+        if re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", name):
+            return True
+    except re.error:
+        pass
+    return name.endswith(pattern)
+
+
+def check_quant_architecture(cfg: Config, module_names: list[str]) -> list[str]:
+    """Problems with quant.* settings that need the model's module names (read from a weightless copy)."""
+    p: list[str] = []
+    q = cfg.quant
+    named = [n for n in module_names if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in named})
+    for pattern in q.int8_skip_modules or []:
+        if not any(_matches_module(pattern, n) for n in named):
+            hint = difflib.get_close_matches(pattern, leaves, n=1)
+            p.append(
+                f"quant.int8_skip_modules has '{pattern}', which matches no module of this model"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + "; give a leaf name (down_proj) or a module path (model.layers.0)"
+            )
+    for name in q.device_map or {}:
+        if name and name not in module_names:
+            hint = difflib.get_close_matches(name, named, n=1)
+            p.append(
+                f"quant.device_map names '{name}', which is not a module of this model"
                 + (f" (did you mean '{hint[0]}'?)" if hint else "")
             )
-    for name in (cfg.quant.device_map or {}):
-        if name and name not in module_names:
-            p.append(f"quant.device_map names '{name}', which is not a module of this model")
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -12,9 +13,15 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from finetune.config import Config, ModelConfig, QuantConfig, default_cache_dir
+from finetune.config import Config, ConfigError, ModelConfig, QuantConfig, default_cache_dir
 from finetune.embedded import ensure_embedded_model, is_embedded
-from finetune.quant import build_bnb_config, torch_dtype
+from finetune.quant import (
+    build_bnb_config,
+    quant_from_saved,
+    quiet_repeated_int8_cast_warning,
+    saved_quantization,
+    torch_dtype,
+)
 
 
 def resolve_model_source(m: ModelConfig, cache_dir: Path, seed: int = 0) -> str:
@@ -52,14 +59,28 @@ def _random_model_dir(m: ModelConfig, cache_dir: Path, seed: int) -> Path:
     return target
 
 
-def module_names(source: str, m: ModelConfig) -> list[str]:
-    """Module names of the model, read from a weightless (meta-device) copy: no weights load."""
+def meta_model(source: str, m: ModelConfig, dtype: Optional[torch.dtype] = None):
+    """A weightless (meta-device) copy of the model: its modules and shapes, no memory, no weights read."""
     config = _architecture_config(m) if m.random_init else AutoConfig.from_pretrained(
         source, revision=m.revision, trust_remote_code=m.trust_remote_code
     )
+    # A base saved already quantized keeps its quantization_config; the copy must be plain.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
-    return [name for name, _ in model.named_modules()]
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code, **({"dtype": dtype} if dtype else {}))
+
+
+def module_names(source: str, m: ModelConfig) -> list[str]:
+    """Module names of the model, read from a weightless (meta-device) copy: no weights load."""
+    return [name for name, _ in meta_model(source, m).named_modules()]
+
+
+def kept_unquantized_by_default(model) -> list[str]:
+    """The modules transformers leaves unquantized on its own: the output head and tied weights."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    return get_keys_to_not_convert(model)
 
 
 def accepts_position_ids(source: str, m: ModelConfig) -> bool:
@@ -101,8 +122,31 @@ def device_map_for(q: QuantConfig, device: torch.device) -> Any:
     return {"": str(device)}
 
 
+def max_memory_for(q: QuantConfig) -> dict[Any, str]:
+    """quant.max_memory with GPU indices as ints (accelerate's keys); the config keeps them as strings."""
+    return {int(k) if str(k).isdigit() else str(k): str(v) for k, v in (q.max_memory or {}).items()}
+
+
+def device_map_problems(model, device_map: dict[str, Any]) -> list[str]:
+    """Parameters of `model` (a meta copy) that quant.device_map gives no device, as a config problem."""
+    keys = list(device_map)
+    missing = [
+        name for name, _ in model.named_parameters(remove_duplicate=False)
+        if not any(k == "" or name == k or name.startswith(k + ".") for k in keys)
+    ]
+    if not missing:
+        return []
+    modules = sorted({n.rsplit(".", 1)[0] for n in missing})
+    shown = ", ".join(modules[:6]) + (f" and {len(modules) - 6} more" if len(modules) > 6 else "")
+    return [f"quant.device_map gives no device to {shown}: add them (or a parent module; \"\" covers the whole model)"]
+
+
 def load_base(cfg: Config, source: str, device: torch.device):
-    """The frozen base model, quantized on load as `quant.mode` says."""
+    """The frozen base model, quantized on load as `quant.mode` says.
+
+    A folder saved already quantized (`python -m finetune.quantize`) loads with the quantization_config
+    it was saved with; check_config has made sure the recipe's quant.* says the same.
+    """
     m, q = cfg.model, cfg.quant
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype(q.compute_dtype),
@@ -111,12 +155,21 @@ def load_base(cfg: Config, source: str, device: torch.device):
         trust_remote_code=m.trust_remote_code,
     )
     if q.max_memory:
-        kwargs["max_memory"] = dict(q.max_memory)
+        kwargs["max_memory"] = max_memory_for(q)
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
-    bnb = build_bnb_config(q)
-    if bnb is not None:
-        kwargs["quantization_config"] = bnb
+    if q.device_map:
+        # accelerate would say only "does not give any device for lm_head.weight", after the model is built.
+        problems = device_map_problems(meta_model(source, m), q.device_map)
+        if problems:
+            raise ConfigError(problems)
+    if saved_quantization(source) is None:
+        keep = kept_unquantized_by_default(meta_model(source, m)) if q.int8_skip_modules else None
+        bnb = build_bnb_config(q, keep)
+        if bnb is not None:
+            kwargs["quantization_config"] = bnb
+    if q.mode == "int8":
+        quiet_repeated_int8_cast_warning()
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.requires_grad_(False)
     keep_cpu_4bit_weights_trainable(model)
@@ -170,6 +223,7 @@ def prepare_for_training(model, cfg: Config):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
     model = get_peft_model(model, lora_config(cfg))
+    place_offloaded_adapters(model)
     if cfg.quant.compute_dtype != "float32":
         # Training runs under autocast, which casts a LoRA matmul's inputs itself; peft's own cast of
         # every adapter input to the fp32 adapter dtype only adds a full copy of the activations per
@@ -197,6 +251,32 @@ def compile_blocks(model) -> int:
     return len(blocks or [])
 
 
+def place_offloaded_adapters(model) -> int:
+    """Give the adapters of CPU-offloaded layers real weights on the GPU; returns how many moved.
+
+    With quant.int8_fp32_cpu_offload, accelerate keeps the weights of the layers that quant.device_map
+    sends to the CPU on the meta device and streams them to the GPU for each forward (a hook on each
+    such layer). PEFT creates a layer's adapters on its base weight's device, so theirs would be meta
+    tensors without values and the backward pass would fail. Adapters are small: they are created on
+    the hook's execution device, initialised as PEFT initialises them, and stay there.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    moved = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        device = getattr(getattr(module.get_base_layer(), "_hf_hook", None), "execution_device", None)
+        for name in list(module.lora_A.keys()):
+            if device is None or not module.lora_A[name].weight.is_meta:
+                continue
+            module.lora_A[name].to_empty(device=device)
+            module.lora_B[name].to_empty(device=device)
+            module.reset_lora_parameters(name, init_lora_weights=model.peft_config[name].init_lora_weights)
+            moved += 1
+    return moved
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters, counting each 4-bit packed weight as its real element count."""
     trainable, total = model.get_nb_trainable_parameters()
@@ -209,28 +289,38 @@ def load_adapter(
     device: Optional[torch.device] = None,
     cache_dir: Optional[Path] = None,
     is_trainable: bool = False,
+    base: Optional[str | Path] = None,
 ):
     """Return (quantized base with the saved adapter, tokenizer, run config).
 
     Accepts a run folder (uses its final adapter) or an adapter folder written by finetune; the
     base is rebuilt with the same model and quantization settings recorded at training time.
+    `base` loads the adapter onto another copy of the same architecture instead: a base saved
+    already quantized by `python -m finetune.quantize` (loaded as saved), or the unquantized base
+    an adapter trained on a saved one came from (quantized on the fly with the recorded settings).
     """
     from finetune.checkpoint import read_adapter_manifest, resolve_adapter_dir
 
     adapter_dir = resolve_adapter_dir(Path(adapter_or_run_dir))
     manifest = read_adapter_manifest(adapter_dir)
     cfg = manifest.config
+    if base is not None:
+        cfg.model = dataclasses.replace(cfg.model, name_or_path=str(base), random_init=False)
     if device is None:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     source = resolve_model_source(cfg.model, cache_dir or default_cache_dir(), seed=cfg.train.seed)
+    saved = saved_quantization(source)
+    if saved is not None:
+        # A saved base loads as it was saved; the recorded quant.* may describe another mode.
+        cfg.quant = quant_from_saved(cfg.quant, saved)
     tokenizer = load_tokenizer(cfg.model, source)
-    base = load_base(cfg, source, device)
+    base_model = load_base(cfg, source, device)
     # The same upcast of frozen weights as in training, so the reloaded model computes exactly what
     # the trained one did.
-    base = upcast_frozen_weights(base, cfg)
+    base_model = upcast_frozen_weights(base_model, cfg)
     if is_trainable and cfg.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
     model.eval()
     return model, tokenizer, cfg
 

@@ -1,47 +1,158 @@
-"""Quantization settings -> `transformers.BitsAndBytesConfig`."""
+"""Quantization settings -> `transformers.BitsAndBytesConfig`, and back from a saved base.
+
+Every bitsandbytes mode is a `quant.mode`: nf4 and fp4 (4-bit, QLoRA), int8 (LLM.int8) and none
+(an unquantized 16-bit base, for comparison). A base saved already quantized by
+`python -m finetune.quantize` carries its own `quantization_config` and loads only as saved;
+`saved_mismatches` says where a recipe differs from it.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from transformers import BitsAndBytesConfig
 
 from finetune.config import QuantConfig
 
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TORCH_DTYPES = {
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8,
+}
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
-def build_bnb_config(q: QuantConfig) -> Optional[BitsAndBytesConfig]:
-    """The bitsandbytes config for `quant.mode`; None for a 16-bit (unquantized) base."""
-    if q.mode in ("nf4", "fp4"):
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.mode,
-            bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
-            bnb_4bit_quant_storage=torch_dtype(q.quant_storage) if q.quant_storage != "uint8" else torch.uint8,
-        )
+def build_bnb_config(q: QuantConfig, keep_unquantized: Optional[list[str]] = None) -> Optional[BitsAndBytesConfig]:
+    """The bitsandbytes config for `quant.mode`; None for a 16-bit (unquantized) base.
+
+    `keep_unquantized` are the modules transformers leaves unquantized by default (the output head,
+    tied weights). transformers drops that default list as soon as `llm_int8_skip_modules` is given,
+    so the user's skip modules are added to it here: skipping `down_proj` must not quantize `lm_head`.
+    """
+    if q.mode not in ("nf4", "fp4", "int8"):
+        return None
+    skip = None
+    if q.int8_skip_modules:
+        skip = sorted(set(q.int8_skip_modules) | set(keep_unquantized or []))
+    common: dict[str, Any] = dict(
+        llm_int8_skip_modules=skip,
+        llm_int8_enable_fp32_cpu_offload=q.int8_fp32_cpu_offload,
+    )
     if q.mode == "int8":
-        return BitsAndBytesConfig(
-            load_in_8bit=True,
-            llm_int8_threshold=q.int8_threshold,
-            llm_int8_skip_modules=list(q.int8_skip_modules) if q.int8_skip_modules else None,
-            llm_int8_enable_fp32_cpu_offload=q.int8_fp32_cpu_offload,
-        )
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(q.int8_threshold), **common)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.mode,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(q.quant_storage),
+        **common,
+    )
+
+
+def saved_quantization(folder: str | Path) -> Optional[dict[str, Any]]:
+    """The `quantization_config` in a local model folder's config.json, or None (hub ids, plain bases)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def saved_mode(saved: dict[str, Any]) -> Optional[str]:
+    """nf4, fp4 or int8 for a bitsandbytes quantization_config; None for any other method."""
+    if saved.get("quant_method") != "bitsandbytes":
+        return None
+    if saved.get("load_in_8bit") or saved.get("_load_in_8bit"):
+        return "int8"
+    if saved.get("load_in_4bit") or saved.get("_load_in_4bit"):
+        return saved.get("bnb_4bit_quant_type", "fp4")
     return None
+
+
+def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """The quant.* fields that a saved bitsandbytes quantization_config fixes."""
+    mode = saved_mode(saved)
+    fields: dict[str, Any] = {"mode": mode, "int8_skip_modules": saved.get("llm_int8_skip_modules") or None}
+    if mode == "int8":
+        fields["int8_threshold"] = float(saved.get("llm_int8_threshold", 6.0))
+    else:
+        fields["double_quant"] = bool(saved.get("bnb_4bit_use_double_quant", False))
+        fields["quant_storage"] = saved.get("bnb_4bit_quant_storage") or "uint8"
+        fields["compute_dtype"] = saved.get("bnb_4bit_compute_dtype") or "float32"
+    return fields
+
+
+def quant_from_saved(q: QuantConfig, saved: dict[str, Any]) -> QuantConfig:
+    """`q` with the saved quantization's settings; placement (device_map, max_memory) stays `q`'s."""
+    return dataclasses.replace(q, **saved_settings(saved))
+
+
+def saved_mismatches(q: QuantConfig, saved: dict[str, Any]) -> list[tuple[str, str]]:
+    """(what differs, the override that fixes it) between the recipe and a saved quantization_config."""
+    wanted = saved_settings(saved)
+    if q.mode != wanted["mode"]:
+        return [(f"saved as {wanted['mode']}, recipe quant.mode={q.mode}", f"quant.mode={wanted['mode']}")]
+    out = [
+        (f"saved with quant.{k}={v}, recipe {getattr(q, k)}", f"quant.{k}={str(v).lower() if isinstance(v, bool) else v}")
+        for k, v in wanted.items()
+        if k not in ("mode", "int8_skip_modules") and getattr(q, k) != v
+    ]
+    # The saved list also holds the modules transformers keeps unquantized by default (lm_head).
+    saved_skip, skip = set(wanted["int8_skip_modules"] or []), set(q.int8_skip_modules or [])
+    if bool(saved_skip) != bool(skip) or not skip <= saved_skip:
+        listed = "[" + ",".join(sorted(saved_skip)) + "]" if saved_skip else "null"
+        out.append((f"saved with quant.int8_skip_modules={listed}, recipe {sorted(skip) or None}",
+                    f"quant.int8_skip_modules={listed}"))
+    return out
 
 
 def describe(q: QuantConfig) -> str:
     """One line for the run summary."""
+    skip = f", kept unquantized: {', '.join(q.int8_skip_modules)}" if q.int8_skip_modules else ""
+    placement = ""
+    if q.device_map or q.max_memory:
+        placement = ", placed by quant.device_map" if q.device_map else ", placed by quant.max_memory"
+        placement += " (CPU modules unquantized)" if q.int8_fp32_cpu_offload else ""
     if q.mode in ("nf4", "fp4"):
         dq = "double-quant" if q.double_quant else "single-quant"
-        return f"4-bit {q.mode.upper()}, {dq}, compute {q.compute_dtype}, storage {q.quant_storage}"
+        return f"4-bit {q.mode.upper()}, {dq}, compute {q.compute_dtype}, storage {q.quant_storage}{skip}{placement}"
     if q.mode == "int8":
-        offload = ", fp32 CPU offload" if q.int8_fp32_cpu_offload else ""
-        return f"8-bit LLM.int8 (threshold {q.int8_threshold}{offload}), compute {q.compute_dtype}"
-    return f"none (16-bit base in {q.compute_dtype})"
+        outliers = f"outlier threshold {q.int8_threshold:g}" if q.int8_threshold > 0 else "no outlier decomposition"
+        return f"8-bit LLM.int8 ({outliers}), compute {q.compute_dtype}{skip}{placement}"
+    return f"none (unquantized base in {q.compute_dtype}){placement}"
+
+
+class _OnceFilter(logging.Filter):
+    """Let a log message through the first time only."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def quiet_repeated_int8_cast_warning() -> None:
+    """Show bitsandbytes' "inputs will be cast to float16" warning once, not on every int8 matmul.
+
+    LLM.int8 quantizes activations from fp16 by design, so with bf16 or fp32 compute bitsandbytes
+    warns on every call of every 8-bit layer; once is informative, thousands bury the training log.
+    """
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in logger.filters):
+        logger.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
