@@ -87,12 +87,7 @@ def accepts_position_ids(source: str, m: ModelConfig) -> bool:
     """Whether the model's forward takes position ids, which packed rows need to keep examples apart."""
     import inspect
 
-    config = _architecture_config(m) if m.random_init else AutoConfig.from_pretrained(
-        source, revision=m.revision, trust_remote_code=m.trust_remote_code
-    )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
-    return "position_ids" in inspect.signature(type(model).forward).parameters
+    return "position_ids" in inspect.signature(type(meta_model(source, m)).forward).parameters
 
 
 def load_tokenizer(m: ModelConfig, source: str) -> PreTrainedTokenizerBase:

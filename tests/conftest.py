@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState, PartialState
 
 from finetune.tiny import TINY_ARCHITECTURES, build_tiny_tokenizer, save_random_model
 
@@ -134,3 +135,12 @@ class LiveCli:
         for reader in self._readers:
             reader.join(timeout=10)
         return code
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    # Each in-process run creates an Accelerator; the state is a process-wide singleton.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()

@@ -12,21 +12,12 @@ import json
 import bitsandbytes as bnb
 import pytest
 import torch
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import AcceleratorState
 
 from finetune.config import ConfigError, check_config
 from finetune.model import load_adapter, load_base, prepare_for_training
 from finetune.run import compose, run
 from tests.conftest import run_cli, tiny_run_args
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    # Each in-process run creates an Accelerator; the state is a process-wide singleton.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
 
 
 def _cfg(model_dir, *overrides):

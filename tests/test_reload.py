@@ -6,21 +6,11 @@ import json
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, PartialState
 
 from finetune.checkpoint import CheckpointError
 from finetune.model import load_adapter
 from finetune.run import compose, run
 from tests.conftest import tiny_run_args
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    # Each in-process run creates an Accelerator; the state is a process-wide singleton.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
 
 
 def test_reloaded_adapter_gives_the_trained_models_logits(tiny_llama, instruction_file, cache_dir, tmp_path,
