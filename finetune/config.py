@@ -38,7 +38,9 @@ class ModelConfig:
     # loading pretrained weights: for tests, benchmarks and shape runs on machines with no hub.
     random_init: bool = False
     architecture: Optional[dict[str, Any]] = None
-    attn_implementation: Optional[str] = None  # None: transformers picks (sdpa where the model has it)
+    # None: sdpa where the model has it (transformers' choice), and for BLOOM, which transformers runs
+    # eagerly only, our sdpa ALiBi attention (finetune/alibi.py). Or eager, sdpa, flex_attention, ...
+    attn_implementation: Optional[str] = None
 
 
 @dataclass
@@ -146,6 +148,10 @@ class SpeedConfig:
     # peft's k-bit recipe upcasts the non-quantized frozen weights (norms, embeddings, head) to fp32.
     # false keeps them in the compute dtype: less memory and casting, slightly different rounding.
     fp32_frozen: bool = True
+    # With train.gradient_checkpointing, the last N decoder blocks keep their activations instead of
+    # recomputing them in backward: each saves its forward recompute (a third of its matmul work) for
+    # the memory of its activations. 0 checkpoints every block.
+    blocks_without_checkpointing: int = 0
 
 
 @dataclass
@@ -300,6 +306,8 @@ def check_config(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> 
         # and fp32-upcast norms (scripts/bench.py, 2026-11-25); with bf16 norms it matched the eager loss.
         p.append("speed.compile=true with speed.fp32_frozen=true gave NaN losses in our GPU benchmark; "
                  "set speed.fp32_frozen=false with speed.compile=true")
+    if cfg.speed.blocks_without_checkpointing < 0:
+        p.append(f"speed.blocks_without_checkpointing must be >= 0 (got {cfg.speed.blocks_without_checkpointing})")
     if cfg.speed.loss_chunk_size < 0:
         p.append(f"speed.loss_chunk_size must be >= 0, 0 turns the chunked loss off (got {cfg.speed.loss_chunk_size})")
     if d.max_length < 8:

@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from finetune.alibi import FUSED_ALIBI_IMPLEMENTATIONS, use_fused_alibi_attention
 from finetune.config import Config, ConfigError, ModelConfig, QuantConfig, default_cache_dir
 from finetune.embedded import ensure_embedded_model, is_embedded
 from finetune.quant import (
@@ -59,11 +60,16 @@ def _random_model_dir(m: ModelConfig, cache_dir: Path, seed: int) -> Path:
     return target
 
 
+def base_config(source: str, m: ModelConfig):
+    """The base model's transformers config (read from `source`, or built from model.architecture)."""
+    if m.random_init:
+        return _architecture_config(m)
+    return AutoConfig.from_pretrained(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
+
+
 def meta_model(source: str, m: ModelConfig, dtype: Optional[torch.dtype] = None):
     """A weightless (meta-device) copy of the model: its modules and shapes, no memory, no weights read."""
-    config = _architecture_config(m) if m.random_init else AutoConfig.from_pretrained(
-        source, revision=m.revision, trust_remote_code=m.trust_remote_code
-    )
+    config = base_config(source, m)
     # A base saved already quantized keeps its quantization_config; the copy must be plain.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -151,8 +157,16 @@ def load_base(cfg: Config, source: str, device: torch.device):
     )
     if q.max_memory:
         kwargs["max_memory"] = max_memory_for(q)
-    if m.attn_implementation:
-        kwargs["attn_implementation"] = m.attn_implementation
+    model_type = base_config(source, m).model_type
+    attention = m.attn_implementation or ("sdpa" if model_type == "bloom" else None)
+    if attention == "flex_attention" and device.type == "cpu":
+        # torch has no FlexAttention backward on the CPU; sdpa computes the same attention.
+        print("[finetune] model.attn_implementation=flex_attention has no backward on the CPU; using sdpa", flush=True)
+        attention = "sdpa"
+    # transformers has only an eager attention for BLOOM; ours takes its place after loading.
+    fused_alibi = attention in FUSED_ALIBI_IMPLEMENTATIONS and model_type == "bloom"
+    if attention:
+        kwargs["attn_implementation"] = "eager" if fused_alibi else attention
     if q.device_map:
         # accelerate would say only "does not give any device for lm_head.weight", after the model is built.
         problems = device_map_problems(meta_model(source, m), q.device_map)
@@ -166,6 +180,8 @@ def load_base(cfg: Config, source: str, device: torch.device):
     if q.mode == "int8":
         quiet_repeated_int8_cast_warning()
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if fused_alibi:
+        use_fused_alibi_attention(model, attention)
     model.requires_grad_(False)
     keep_cpu_4bit_weights_trainable(model)
     return model
@@ -216,6 +232,7 @@ def prepare_for_training(model, cfg: Config):
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and is what torch recommends.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        keep_activations_of_last_blocks(model, cfg.speed.blocks_without_checkpointing)
     model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
     model = get_peft_model(model, lora_config(cfg))
     place_offloaded_adapters(model)
@@ -229,6 +246,30 @@ def prepare_for_training(model, cfg: Config):
     return model
 
 
+def decoder_blocks(model) -> list[torch.nn.Module]:
+    """The repeated decoder blocks: the longest ModuleList whose members share one class."""
+    blocks = max(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+         and len({type(b) for b in m}) == 1),
+        key=len, default=None,
+    )
+    return list(blocks or [])
+
+
+def keep_activations_of_last_blocks(model, count: int) -> None:
+    """Turn gradient checkpointing off for the last `count` decoder blocks (speed.blocks_without_checkpointing)."""
+    if count == 0:
+        return
+    blocks = [b for b in decoder_blocks(model) if getattr(b, "gradient_checkpointing", False)]
+    if count > len(blocks):
+        raise ConfigError([
+            f"speed.blocks_without_checkpointing={count} but the model has {len(blocks)} checkpointed decoder "
+            f"blocks; use a number from 0 to {len(blocks)} (or train.gradient_checkpointing=false for none)"
+        ])
+    for block in blocks[len(blocks) - count:]:
+        block.gradient_checkpointing = False
+
+
 def compile_blocks(model) -> int:
     """torch.compile each repeated decoder block in place; returns how many were compiled.
 
@@ -236,14 +277,10 @@ def compile_blocks(model) -> int:
     In place (`Module.compile`), unlike accelerate's `compile_regions`, which rebuilds the modules
     and so renames the adapter weights in the state dict that PEFT saves.
     """
-    blocks = max(
-        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
-         and len({type(b) for b in m}) == 1),
-        key=len, default=None,
-    )
-    for block in blocks or []:
+    blocks = decoder_blocks(model)
+    for block in blocks:
         block.compile()
-    return len(blocks or [])
+    return len(blocks)
 
 
 def place_offloaded_adapters(model) -> int:

@@ -10,8 +10,12 @@ random weights (no hub). Both sides see the same rows in the same order: Zipf-di
 ids, so the loss has something to learn and the two loss curves can be compared.
 
 Each side runs in its own subprocess so peak memory is its own. Prints tokens/s (timed steps after
-warm-up, each step synchronized), peak memory (torch.cuda.max_memory_allocated over the whole
-process, model load included), MFU against a bf16 matmul rate measured here, and the ratios.
+warm-up, each step synchronized), peak memory (torch.cuda.max_memory_allocated while training, the
+weights included), MFU against a bf16 matmul rate measured here, and the ratios.
+
+    python scripts/bench.py --shape llama3-8b --batch 1 --max-seq 8192,16384,32768,65536
+
+trains two steps at each length in turn and reports the longest that fits in GPU memory.
 """
 
 from __future__ import annotations
@@ -118,11 +122,26 @@ def make_batches(examples: list[torch.Tensor], batch: int, seq: int, packing: bo
 # ----------------------------------------------------------------------------------------------
 # Workers (one per subprocess)
 # ----------------------------------------------------------------------------------------------
-def worker_hf(model_dir: str, batches: list[dict], batch: int, warmup: int) -> dict:
-    from datasets import Dataset
+def train_each(batch_sets: list[list[dict]], train) -> list[dict]:
+    """`train` on each set of batches in turn (the same model), each with its own peak memory; stops
+    at the first set that runs out of GPU memory and marks it so."""
+    results = []
+    for batches in batch_sets:
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            result = train(batches)
+        except torch.OutOfMemoryError:
+            results.append({"oom": True, "seq": batches[0]["input_ids"].shape[1]})
+            break
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["seq"] = batches[0]["input_ids"].shape[1]
+        results.append(result)
+    return results
+
+
+def worker_hf(model_dir: str, batch_sets: list[list[dict]], batch: int) -> list[dict]:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
@@ -132,6 +151,14 @@ def worker_hf(model_dir: str, batches: list[dict], batch: int, warmup: int) -> d
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
+    return train_each(batch_sets, lambda batches: _train_hf(model, batches, batch))
+
+
+def _train_hf(model, batches: list[dict], batch: int) -> dict:
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
     # One row per example, in batch order; the Trainer pads them with finetune's collator (labels -100).
     from finetune.data import Collator
 
@@ -175,10 +202,9 @@ def worker_hf(model_dir: str, batches: list[dict], batch: int, warmup: int) -> d
     return {"step_seconds": timer.times, "losses": timer.losses, "step_tokens": tokens}
 
 
-def worker_ours(model_dir: str, batches: list[dict], batch: int, warmup: int, overrides: list[str],
-                profile: bool = False) -> dict:
+def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overrides: list[str],
+                profile: bool = False) -> list[dict]:
     from finetune.loop import build_optimizer
-    from finetune.loss import causal_lm_loss_sum, count_targets
     from finetune.model import compile_blocks, load_base, prepare_for_training
     from finetune.run import compose
 
@@ -196,6 +222,13 @@ def worker_ours(model_dir: str, batches: list[dict], batch: int, warmup: int, ov
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     model.train()
+    return train_each(batch_sets, lambda batches: _train_ours(model, cfg, params, optimizer, batches, warmup, profile))
+
+
+def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int, profile: bool) -> dict:
+    from finetune.loss import causal_lm_loss_sum, count_targets
+
+    device = torch.device("cuda", 0)
     times, losses, tokens = [], [], []
     profiler = None
     if profile:
@@ -230,21 +263,36 @@ def worker_ours(model_dir: str, batches: list[dict], batch: int, warmup: int, ov
 
 
 def run_worker(args) -> None:
-    examples = torch.load(args.rows)
     packing = any(o == "data.packing=true" for o in args.override)
-    batches = make_batches(examples, args.batch, args.seq, packing)
-    torch.cuda.reset_peak_memory_stats()
-    if args.worker == "hf":
-        result = worker_hf(args.model_dir, batches, args.batch, args.warmup)
+    if args.max_seq:
+        # one set per length, longest last: a row of fresh full-length examples per step
+        batch_sets = [make_batches(make_examples(2 * args.batch, seq, seq), args.batch, seq, False)
+                      for seq in args.max_seq]
     else:
-        result = worker_ours(args.model_dir, batches, args.batch, args.warmup, args.override, args.profile)
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    print("RESULT " + json.dumps(result), flush=True)
+        batch_sets = [make_batches(torch.load(args.rows), args.batch, args.seq, packing)]
+    if args.worker == "hf":
+        results = worker_hf(args.model_dir, batch_sets, args.batch)
+    else:
+        results = worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.profile)
+    print("RESULT " + json.dumps(results), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
+def report_max_seq(side: str, batch: int, per_set: list[dict]) -> None:
+    trained = [r for r in per_set if not r.get("oom")]
+    for r in per_set:
+        if r.get("oom"):
+            print(f"{side}: seq {r['seq']:,} x batch {batch}: out of GPU memory", flush=True)
+        else:
+            print(f"{side}: seq {r['seq']:,} x batch {batch}: trained, peak {r['peak_gib']:.2f} GiB, second step "
+                  f"{r['step_tokens'][-1] / r['step_seconds'][-1]:,.0f} tokens/s, losses "
+                  f"{' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
+    longest = f"{trained[-1]['seq']:,}" if trained else "none of those tried"
+    print(f"{side}: longest sequence trained: {longest}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="bloom-1b7")
@@ -260,6 +308,9 @@ def main() -> None:
                    help="LABEL=key=value,key=value: one more run of our side with these overrides")
     p.add_argument("--cache", default="/tmp/finetune-bench")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two of our steps")
+    p.add_argument("--max-seq", type=lambda v: [int(x) for x in v.split(",")],
+                   help="comma-separated lengths, ascending: train two steps at each (batch --batch) until one "
+                        "runs out of GPU memory, and report the longest that trained")
     p.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
@@ -288,6 +339,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", worker, "--model-dir", str(model_dir), "--rows", str(rows_file),
                "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
         cmd += [f"--override={o}" for o in overrides] + (["--profile"] if args.profile else [])
+        cmd += [f"--max-seq={','.join(map(str, args.max_seq))}"] if args.max_seq else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if args.profile and side == "ours":
             print(proc.stderr[proc.stderr.find("Name"):][-9000:] if "Name" in proc.stderr else "", flush=True)
@@ -295,12 +347,24 @@ def main() -> None:
         if proc.returncode != 0 or line is None:
             print(f"--- {side} failed (exit {proc.returncode}) ---\n{proc.stderr[-4000:]}", flush=True)
             continue
-        r = json.loads(line[len("RESULT "):])
+        per_set = json.loads(line[len("RESULT "):])
+        if args.max_seq:
+            report_max_seq(side, args.batch, per_set)
+            continue
+        r = per_set[0]
+        if r.get("oom"):
+            print(f"--- {side} ran out of GPU memory ---", flush=True)
+            continue
         # real (non-padding) tokens over the timed steps after warm-up
         r["tokens_per_s"] = sum(r["step_tokens"][args.warmup:]) / sum(r["step_seconds"][args.warmup:])
         r["mfu"] = r["tokens_per_s"] * fpt / (peak_tflops * 1e12)
         results[side] = r
+        # as each side finishes, so a run cut short still shows what it measured
+        print(f"{side}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {100 * r['mfu']:.1f}%, "
+              f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
 
+    if args.max_seq:
+        return
     print(f"\n| {args.shape} b{args.batch} s{args.seq} | tokens/s | peak GiB | MFU | loss step 1 | "
           f"loss last 3 (mean) |\n|---|---|---|---|---|---|")
     for side, r in results.items():
