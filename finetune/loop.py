@@ -63,7 +63,11 @@ def mixed_precision(cfg: Config) -> str:
 def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        params = list(params)
+        # PyTorch's fused AdamW on the GPU: the same update in one kernel launch for all adapter
+        # tensors (an 8B model with all-linear LoRA has ~450 of them).
+        fused = all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
     import bitsandbytes as bnb
 
     cls = {

@@ -9,9 +9,14 @@ settings through finetune's model builders and loop step. Models are built from 
 random weights (no hub). Both sides see the same rows in the same order: Zipf-distributed token
 ids, so the loss has something to learn and the two loss curves can be compared.
 
+More runs of our side with config overrides (the README's "Speed and memory" tables):
+
+    python scripts/bench.py --shape llama3-8b --batch 2 --variant fast_adamw=speed=fast,train.optimizer=adamw
+
 Each side runs in its own subprocess so peak memory is its own. Prints tokens/s (timed steps after
 warm-up, each step synchronized), peak memory (torch.cuda.max_memory_allocated while training, the
-weights included), MFU against a bf16 matmul rate measured here, and the ratios.
+weights included; paged optimizer state is not counted), MFU against a bf16 matmul rate measured
+here, and the ratios. `--sides ours --override speed=fast --profile` prints the top CUDA kernels.
 
     python scripts/bench.py --shape llama3-8b --batch 1 --max-seq 8192,16384,32768,65536
 

@@ -62,6 +62,13 @@ def test_sdpa_alibi_gives_the_eager_loss_and_gradients(tiny_bloom, tokenizer, si
         torch.testing.assert_close(fused_grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_bloom_trains_with_the_fused_sdpa_attention_by_default(tiny_bloom):
+    model = _model(tiny_bloom)
+    assert model.config._attn_implementation == "sdpa"
+    blocks = [m for m in model.modules() if type(m).__name__ == "BloomAttention"]
+    assert blocks and all(m.fused_alibi_implementation == "sdpa" for m in blocks)
+
+
 def test_sdpa_alibi_generates_what_eager_generates(tiny_bloom, tokenizer):
     ids = tokenizer(["What is the capital of France?"], return_tensors="pt")["input_ids"]
     outputs = []
