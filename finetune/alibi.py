@@ -7,8 +7,9 @@ model's matmuls (scripts/bench.py --profile). Here the same attention runs as on
 
 - `flex_attention`: FlexAttention with the bias as a score_mod and the causal/padding mask as a
   block mask, so fully masked blocks are skipped. Compiled (transformers' compile-once wrapper).
-- `sdpa`: scaled_dot_product_attention with the bias and mask folded into one additive mask (the
-  memory-efficient kernel; flash cannot take a bias). No compile needed; also on the CPU.
+- `sdpa`: scaled_dot_product_attention with the bias and mask folded into one additive mask, a
+  heads x q x kv tensor in the compute dtype built in each layer (the memory-efficient kernel; flash
+  cannot take a bias). No compile needed; also on the CPU.
 
 The bias is the very tensor BLOOM builds (`alibi`, from the padding mask's positions), so padded
 and cached batches give what the eager path gives, to rounding. Switching `config._attn_implementation`
@@ -23,7 +24,18 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
+from finetune.config import ConfigError
+
 FUSED_ALIBI_IMPLEMENTATIONS = ("sdpa", "flex_attention")
+
+
+def fused_alibi_problems(config, implementation: str) -> list[str]:
+    """What keeps this BLOOM config from `implementation` (checked before the weights load)."""
+    if implementation == "flex_attention" and config.attention_dropout > 0:
+        # FlexAttention has no dropout; silently training without it would change the recipe.
+        return [f"model.attn_implementation=flex_attention: this BLOOM config has attention_dropout="
+                f"{config.attention_dropout}, which FlexAttention cannot apply; use sdpa (or eager)"]
+    return []
 
 
 def use_fused_alibi_attention(model, implementation: str) -> int:
@@ -32,12 +44,9 @@ def use_fused_alibi_attention(model, implementation: str) -> int:
 
     if implementation not in FUSED_ALIBI_IMPLEMENTATIONS:
         raise ValueError(f"no fused ALiBi attention named {implementation!r}; use one of {FUSED_ALIBI_IMPLEMENTATIONS}")
-    if implementation == "flex_attention" and model.config.attention_dropout > 0:
-        # FlexAttention has no dropout; silently training without it would change the recipe.
-        raise ValueError(
-            f"this BLOOM config has attention_dropout={model.config.attention_dropout}, which FlexAttention "
-            "cannot apply; use model.attn_implementation=sdpa (or eager)"
-        )
+    problems = fused_alibi_problems(model.config, implementation)
+    if problems:
+        raise ConfigError(problems)
     routed = 0
     for module in model.modules():
         if isinstance(module, BloomAttention):
@@ -76,12 +85,14 @@ def _fused_alibi_forward(self, hidden_states, residual, alibi, attention_mask, l
         )
     else:
         if attention_mask is None:
-            # No padding: every sequence has the same bias, and the mask is the plain causal one
-            # (aligned to the last key when a cache holds earlier keys).
+            # No padding: every sequence has the same bias. transformers leaves the mask out only
+            # where SDPA's own is_causal would be right (its sdpa_attention_forward): one query sees
+            # every key; several queries start at the first key (no cache, or a static cache's
+            # prefill, whose later keys are still empty slots).
             bias = bias[:1]
-            attention_mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(
-                kv_length - q_length
-            )
+            attention_mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device)
+            if q_length > 1:
+                attention_mask = attention_mask.tril()
         # The dtype's minimum rather than -inf, as transformers masks: a padding query that sees no
         # key then averages values instead of turning NaN (which a 0 label weight would not cancel).
         additive = bias[:, :, None, :].to(query.dtype)

@@ -477,7 +477,7 @@ def check_resumable(checkpoint: Path, fingerprint: dict[str, str], cfg: Config, 
 
     Base model, quantization, LoRA, tokenizer and data must be the same (by fingerprint), and the
     global batch layout too (the data position is counted in batches). train.* and speed.*
-    settings may change (more steps, another learning rate); the run then differs from an
+    settings and model.attn_implementation may change (more steps, another learning rate); the run then differs from an
     uninterrupted one, and the notes say so.
     """
     from finetune.fingerprint import differences
@@ -501,9 +501,25 @@ def check_resumable(checkpoint: Path, fingerprint: dict[str, str], cfg: Config, 
         )
     now = OmegaConf.to_container(OmegaConf.structured(cfg))
     ignored = ("resume", "stop_after_steps", "keep_last", "save_every", "eval_every", "log_every")
-    return [f"{group}.{k}: {manifest['config'].get(group, {}).get(k)!r} -> {v!r}"
-            for group in ("train", "speed") for k, v in now.get(group, {}).items()
-            if k not in ignored and manifest["config"].get(group, {}).get(k) != v]
+    changeable = [(group, k) for group in ("train", "speed") for k in now.get(group, {}) if k not in ignored]
+    changeable.append(("model", "attn_implementation"))  # another kernel: other rounding, same model
+    saved = manifest["config"]
+    return [f"{group}.{k}: {saved.get(group, {}).get(k)!r} -> {now[group][k]!r}"
+            for group, k in changeable if saved.get(group, {}).get(k) != now[group][k]]
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """Load a saved optimizer state, keeping this run's kernel choice (fused, foreach, capturable).
+
+    torch's load_state_dict takes those flags from the file: a checkpoint written on the CPU, or
+    before fused AdamW, would quietly turn this run's fused kernel off. With the run's flags in
+    place, torch also moves each `step` to the device the fused kernel needs.
+    """
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups):
+        for flag in ("fused", "foreach", "capturable"):
+            if flag in group:
+                saved_group[flag] = group[flag]
+    optimizer.load_state_dict(saved)
 
 
 def load_checkpoint(checkpoint: Path, *, accelerator, model, optimizer, scheduler, sampler) -> TrainState:
@@ -518,7 +534,7 @@ def load_checkpoint(checkpoint: Path, *, accelerator, model, optimizer, schedule
     result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
     if result.unexpected_keys:
         raise CheckpointError(f"{checkpoint} has adapter tensors this model lacks, e.g. {result.unexpected_keys[0]}")
-    optimizer.load_state_dict(_read_torch(checkpoint / "optimizer.pt"))
+    load_optimizer_state(optimizer, _read_torch(checkpoint / "optimizer.pt"))
     scheduler.load_state_dict(_read_torch(checkpoint / "scheduler.pt"))
     if accelerator.scaler is not None:
         if not (checkpoint / "scaler.pt").exists():

@@ -308,6 +308,9 @@ def check_config(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> 
                  "set speed.fp32_frozen=false with speed.compile=true")
     if cfg.speed.blocks_without_checkpointing < 0:
         p.append(f"speed.blocks_without_checkpointing must be >= 0 (got {cfg.speed.blocks_without_checkpointing})")
+    if cfg.speed.blocks_without_checkpointing > 0 and not t.gradient_checkpointing:
+        p.append(f"speed.blocks_without_checkpointing={cfg.speed.blocks_without_checkpointing} has no effect with "
+                 "train.gradient_checkpointing=false (no block is checkpointed); set it to 0 or turn checkpointing on")
     if cfg.speed.loss_chunk_size < 0:
         p.append(f"speed.loss_chunk_size must be >= 0, 0 turns the chunked loss off (got {cfg.speed.loss_chunk_size})")
     if d.max_length < 8:

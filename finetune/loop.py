@@ -64,9 +64,10 @@ def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adamw":
         params = list(params)
-        # PyTorch's fused AdamW on the GPU: the same update in one kernel launch for all adapter
-        # tensors (an 8B model with all-linear LoRA has ~450 of them).
-        fused = all(p.is_cuda for p in params)
+        # PyTorch's fused AdamW: the same update in one kernel launch for all adapter tensors (an
+        # 8B model with all-linear LoRA has ~450 of them). It wants them all on one CUDA or CPU
+        # device; adapters split between the GPU and CPU offload take the multi-tensor path.
+        fused = len({p.device for p in params}) == 1 and params[0].device.type in ("cuda", "cpu")
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
     import bitsandbytes as bnb
 

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from finetune.alibi import FUSED_ALIBI_IMPLEMENTATIONS, use_fused_alibi_attention
+from finetune.alibi import FUSED_ALIBI_IMPLEMENTATIONS, fused_alibi_problems, use_fused_alibi_attention
 from finetune.config import Config, ConfigError, ModelConfig, QuantConfig, default_cache_dir
 from finetune.embedded import ensure_embedded_model, is_embedded
 from finetune.quant import (
@@ -157,7 +157,8 @@ def load_base(cfg: Config, source: str, device: torch.device):
     )
     if q.max_memory:
         kwargs["max_memory"] = max_memory_for(q)
-    model_type = base_config(source, m).model_type
+    config = base_config(source, m)
+    model_type = config.model_type
     attention = m.attn_implementation or ("sdpa" if model_type == "bloom" else None)
     if attention == "flex_attention" and device.type == "cpu":
         # torch has no FlexAttention backward on the CPU; sdpa computes the same attention.
@@ -165,6 +166,8 @@ def load_base(cfg: Config, source: str, device: torch.device):
         attention = "sdpa"
     # transformers has only an eager attention for BLOOM; ours takes its place after loading.
     fused_alibi = attention in FUSED_ALIBI_IMPLEMENTATIONS and model_type == "bloom"
+    if fused_alibi and (problems := fused_alibi_problems(config, attention)):
+        raise ConfigError(problems)
     if attention:
         kwargs["attn_implementation"] = "eager" if fused_alibi else attention
     if q.device_map:

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from finetune.alibi import use_fused_alibi_attention
-from finetune.config import ConfigError
+from finetune.config import ConfigError, check_config
 from finetune.loss import causal_lm_loss_sum
 from finetune.model import load_base, prepare_for_training
 from finetune.run import compose
@@ -69,16 +69,28 @@ def test_bloom_trains_with_the_fused_sdpa_attention_by_default(tiny_bloom):
     assert blocks and all(m.fused_alibi_implementation == "sdpa" for m in blocks)
 
 
-def test_sdpa_alibi_generates_what_eager_generates(tiny_bloom, tokenizer):
-    ids = tokenizer(["What is the capital of France?"], return_tensors="pt")["input_ids"]
+@pytest.mark.parametrize("cache, left_padding", [("dynamic", True), ("static", False)])
+def test_sdpa_alibi_generates_what_eager_generates(cache, left_padding):
+    # Weights large enough for attention to decide the tokens: at the usual 0.02 init, greedy tokens
+    # of a random model barely depend on it. The scores of every step are compared, not only tokens.
+    config = AutoConfig.for_model("bloom", vocab_size=64, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.3)
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    fused = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    fused.load_state_dict(eager.state_dict())
+    use_fused_alibi_attention(fused, "sdpa")
+    ids = torch.randint(1, 64, (2, 7))
+    mask = torch.ones_like(ids)
+    if left_padding:
+        mask[1, :3] = 0
     outputs = []
-    for attention in ["eager", "sdpa"]:
-        model = _model(tiny_bloom, f"model.attn_implementation={attention}").eval()
-        model.config.use_cache = True
+    for model in (eager, fused):
         with torch.no_grad():  # a KV cache: queries of length 1 against every earlier key
-            outputs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                          do_sample=False, pad_token_id=tokenizer.pad_token_id))
-    assert torch.equal(outputs[0], outputs[1])
+            outputs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                          pad_token_id=0, cache_implementation=cache, output_scores=True,
+                                          return_dict_in_generate=True))
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    torch.testing.assert_close(torch.stack(outputs[1].scores), torch.stack(outputs[0].scores), rtol=1e-4, atol=1e-4)
 
 
 def test_flex_alibi_gives_the_eager_logits():
@@ -107,7 +119,7 @@ def test_flex_attention_falls_back_to_sdpa_on_the_cpu(tiny_bloom, capsys):
 
 def test_flex_alibi_refuses_attention_dropout():
     config = AutoConfig.for_model("bloom", vocab_size=64, hidden_size=32, n_layer=1, n_head=4, attention_dropout=0.1)
-    with pytest.raises(ValueError, match="attention_dropout=0.1"):
+    with pytest.raises(ConfigError, match="attention_dropout=0.1"):
         use_fused_alibi_attention(AutoModelForCausalLM.from_config(config), "flex_attention")
 
 
@@ -130,3 +142,9 @@ def test_blocks_without_checkpointing_give_the_checkpointed_loss_and_gradients(a
 def test_more_blocks_without_checkpointing_than_the_model_has_is_refused(tiny_llama):
     with pytest.raises(ConfigError, match="blocks_without_checkpointing=5 but the model has 2"):
         _model(tiny_llama, "speed.blocks_without_checkpointing=5")
+
+
+def test_blocks_without_checkpointing_needs_checkpointing():
+    cfg = compose(["output_dir=/tmp/unused", "train.gradient_checkpointing=false", "speed.blocks_without_checkpointing=2"])
+    problems = check_config(cfg, cuda_available=False, bf16_supported=False)
+    assert any("blocks_without_checkpointing=2 has no effect" in p for p in problems)

@@ -248,3 +248,38 @@ def test_resume_needs_a_checkpoint_and_an_interrupted_run_needs_resume(interrupt
     again = run_cli(resume_args(tiny_llama, data_40, interrupted), cache_dir)
     assert again.returncode == 2 and "holds the checkpoints of an interrupted run" in again.stderr
     assert "train.resume=auto" in again.stderr
+
+
+
+def test_adamw_is_fused_and_stays_fused_when_resumed_from_an_unfused_checkpoint():
+    import copy
+
+    import torch
+
+    from finetune.checkpoint import load_optimizer_state
+    from finetune.loop import build_optimizer
+    from finetune.run import compose
+
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 3) for _ in range(4)]
+
+    def train(optimizer, param, grads):
+        for g in grads:
+            param.grad = g.clone()
+            optimizer.step()
+
+    # An unfused AdamW (as in a checkpoint from a run before fused AdamW): 2 steps, saved, 2 more.
+    param = torch.nn.Parameter(torch.randn(4, 3))
+    unfused = torch.optim.AdamW([param], lr=1e-2, weight_decay=0.0, fused=False)
+    train(unfused, param, grads[:2])
+    saved, at_save = copy.deepcopy(unfused.state_dict()), param.detach().clone()
+    train(unfused, param, grads[2:])
+
+    resumed_param = torch.nn.Parameter(at_save)
+    resumed = build_optimizer([resumed_param], compose(["output_dir=/tmp/unused", "train.optimizer=adamw",
+                                                        "train.lr=1e-2", "train.weight_decay=0.0"]))
+    assert resumed.param_groups[0]["fused"] is True
+    load_optimizer_state(resumed, saved)
+    assert resumed.param_groups[0]["fused"] is True  # the file said fused=False
+    train(resumed, resumed_param, grads[2:])
+    torch.testing.assert_close(resumed_param.detach(), param.detach(), rtol=1e-6, atol=1e-7)
