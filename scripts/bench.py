@@ -129,7 +129,8 @@ def make_batches(examples: list[torch.Tensor], batch: int, seq: int, packing: bo
 # ----------------------------------------------------------------------------------------------
 def train_each(batch_sets: list[list[dict]], train) -> list[dict]:
     """`train` on each set of batches in turn (the same model), each with its own peak memory; stops
-    at the first set that runs out of GPU memory and marks it so."""
+    at the first set that runs out of GPU memory and marks it so. Prints each set's result as a
+    `SET` line when it is done, so a worker that crashes later still reports what it measured."""
     results = []
     for batches in batch_sets:
         torch.cuda.reset_peak_memory_stats()
@@ -137,10 +138,12 @@ def train_each(batch_sets: list[list[dict]], train) -> list[dict]:
             result = train(batches)
         except torch.OutOfMemoryError:
             results.append({"oom": True, "seq": batches[0]["input_ids"].shape[1]})
+            print("SET " + json.dumps(results[-1]), flush=True)
             break
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["seq"] = batches[0]["input_ids"].shape[1]
         results.append(result)
+        print("SET " + json.dumps(result), flush=True)
     return results
 
 
@@ -275,11 +278,11 @@ def run_worker(args) -> None:
                       for seq in args.max_seq]
     else:
         batch_sets = [make_batches(torch.load(args.rows), args.batch, args.seq, packing)]
+    # each set's result goes to stdout as it is done (train_each)
     if args.worker == "hf":
-        results = worker_hf(args.model_dir, batch_sets, args.batch)
+        worker_hf(args.model_dir, batch_sets, args.batch)
     else:
-        results = worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.profile)
-    print("RESULT " + json.dumps(results), flush=True)
+        worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.profile)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,11 +351,12 @@ def main() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if args.profile and side == "ours":
             print(proc.stderr[proc.stderr.find("Name"):][-9000:] if "Name" in proc.stderr else "", flush=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(f"--- {side} failed (exit {proc.returncode}) ---\n{proc.stderr[-4000:]}", flush=True)
+        per_set = [json.loads(ln[len("SET "):]) for ln in proc.stdout.splitlines() if ln.startswith("SET ")]
+        if proc.returncode != 0:
+            print(f"--- {side} failed (exit {proc.returncode}) after {len(per_set)} of "
+                  f"{len(args.max_seq or [1])} runs ---\n{proc.stderr[-4000:]}", flush=True)
+        if not per_set:
             continue
-        per_set = json.loads(line[len("RESULT "):])
         if args.max_seq:
             report_max_seq(side, args.batch, per_set)
             continue
