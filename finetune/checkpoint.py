@@ -477,8 +477,8 @@ def check_resumable(checkpoint: Path, fingerprint: dict[str, str], cfg: Config, 
 
     Base model, quantization, LoRA, tokenizer and data must be the same (by fingerprint), and the
     global batch layout too (the data position is counted in batches). train.* and speed.*
-    settings and model.attn_implementation may change (more steps, another learning rate); the run then differs from an
-    uninterrupted one, and the notes say so.
+    settings and model.attn_implementation may change (more steps, another learning rate); the
+    run then differs from an uninterrupted one, and the notes say so.
     """
     from finetune.fingerprint import differences
 
