@@ -55,12 +55,19 @@ def test_trainable_head_falls_back_to_the_plain_path(tiny_llama):
     assert not supports_chunked_loss(model)
 
 
-def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_llama, tokenizer):
+@pytest.mark.parametrize("arch, adapter_key", [
+    ("tiny_llama", "layers.0.self_attn.q_proj.lora_A.default.weight"),
+    ("tiny_bloom", "h.0.self_attention.query_key_value.lora_A.default.weight"),  # BLOOM: fused SDPA ALiBi
+])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, request, tokenizer):
     from finetune.model import compile_blocks
 
-    model = _model(tiny_llama, "speed.fp32_frozen=false")
-    enc = tokenizer(["What is the capital of France? Paris."], return_tensors="pt")
-    batch = {**enc, "labels": enc["input_ids"].clone()}
+    model = _model(request.getfixturevalue(arch), "speed.fp32_frozen=false")
+    enc = tokenizer(["What is the capital of France? Paris.", "The quick brown fox"], return_tensors="pt",
+                    padding=True)
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    batch = {**enc, "labels": labels}
     eager_loss, eager_grads = _loss_and_grads(model, batch, 16, autocast=True)
     assert compile_blocks(model) == 2
     compiled_loss, compiled_grads = _loss_and_grads(model, batch, 16, autocast=True)
@@ -71,7 +78,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_llama, tokenizer
     compiled = torch.cat([compiled_grads[n].flatten() for n in eager_grads])
     assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
     # adapter weights keep their names, so saved adapters load anywhere
-    assert any(k.endswith("layers.0.self_attn.q_proj.lora_A.default.weight") for k in model.state_dict())
+    assert any(k.endswith(adapter_key) for k in model.state_dict())
 
 
 def test_bf16_frozen_weights_change_the_loss_only_by_rounding(tiny_llama, tokenizer):
