@@ -79,6 +79,14 @@ def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
+def sustained_tokens_per_s(state: TrainState, after_first_step: Optional[tuple[int, float]]) -> Optional[float]:
+    """Tokens/s over this launch's steps after its first one; None until there is such a step."""
+    if after_first_step is None:
+        return None
+    seconds = state.train_seconds - after_first_step[1]
+    return (state.tokens_seen - after_first_step[0]) / seconds if seconds > 0 else None
+
+
 @torch.no_grad()
 def evaluate(model, batches, accelerator: Accelerator, loss_chunk_size: int) -> float:
     """Mean loss per target token over the eval batches, across every process."""
@@ -233,6 +241,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         restore_rng(resume_from, accelerator.process_index)
     progress = tqdm(range(first_step, t.max_steps + 1), initial=first_step - 1, total=t.max_steps,
                     desc="training", disable=not is_main, dynamic_ncols=True)
+    after_first_step = None  # (tokens, seconds) when this launch's first step was done
     for step in progress:
         step_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(t.grad_accum)]
@@ -267,6 +276,10 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
         state.step = step
         state.train_seconds += time.perf_counter() - step_start
+        if step == first_step:
+            # A launch's first step compiles the blocks (speed.compile) and warms the allocator and
+            # kernels' caches; the rate after it is the one the run sustains.
+            after_first_step = (state.tokens_seen, state.train_seconds)
 
         if finite:
             state.bad_steps_in_row = 0
@@ -286,7 +299,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
                 )
         if finite and (step % t.log_every == 0 or step == t.max_steps):
             lr = scheduler.get_last_lr()[0]
-            tok_s = state.tokens_seen / state.train_seconds
+            tok_s = sustained_tokens_per_s(state, after_first_step) or state.tokens_seen / state.train_seconds
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
                              "train/tokens_per_s": tok_s}, step=step)
@@ -343,6 +356,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             "tokens": state.tokens_seen,
             "train_seconds": state.train_seconds,
             "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
+            "tokens_per_s_after_first_step": sustained_tokens_per_s(state, after_first_step),
             "peak_memory_gib": peak,
             "peak_memory_kind": peak_kind,
             "memory_footprint_bytes": footprint,

@@ -33,8 +33,9 @@ def test_run_writes_a_peft_adapter_and_no_base_weights(finished_run):
     # no base weights anywhere in the run folder
     assert not list(out.rglob("model.safetensors")) and not list(out.rglob("pytorch_model.bin"))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["tokens_per_s"] > 0
+    assert summary["steps"] == 3 and summary["tokens_per_s"] > 0 and summary["tokens_per_s_after_first_step"] > 0
     assert "finetune: done" in result.stdout and "footprint" in result.stdout
+    assert "tokens/s after the first step" in result.stdout
 
 
 def test_overrides_reach_the_saved_adapter_config(finished_run):
