@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, PartialState
 
 from finetune.tiny import TINY_ARCHITECTURES, build_tiny_tokenizer, save_random_model
@@ -144,3 +145,28 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
+
+
+def lora_model(model_dir: Path, *overrides: str):
+    """The real NF4 base with LoRA adapters, on the CPU, every adapter non-zero (no dropout)."""
+    from finetune.model import load_base, prepare_for_training
+    from finetune.run import compose
+
+    cfg = compose([f"model.name_or_path={model_dir}", "output_dir=/tmp/unused", "lora.dropout=0.0", *overrides])
+    torch.manual_seed(0)
+    model = prepare_for_training(load_base(cfg, str(model_dir), torch.device("cpu")), cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make every adapter matter
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def loss_and_grads(model, batch: dict, chunk_size: int = 0, autocast: bool = False):
+    """The loss sum of `batch` and every parameter's gradient from it."""
+    from finetune.loss import causal_lm_loss_sum
+
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = causal_lm_loss_sum(model, batch, chunk_size)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

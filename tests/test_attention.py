@@ -12,27 +12,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from finetune.alibi import use_fused_alibi_attention
 from finetune.config import ConfigError, check_config
-from finetune.loss import causal_lm_loss_sum
-from finetune.model import load_base, prepare_for_training
 from finetune.run import compose
+from tests.conftest import lora_model, loss_and_grads
 
 
 def _model(model_dir, *overrides):
-    cfg = compose([f"model.name_or_path={model_dir}", "output_dir=/tmp/unused", "lora.dropout=0.0",
-                   "quant.compute_dtype=float32", *overrides])
-    torch.manual_seed(0)
-    model = prepare_for_training(load_base(cfg, str(model_dir), torch.device("cpu")), cfg)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero; make every adapter matter
-            torch.nn.init.normal_(p, std=0.05)
-    return model
-
-
-def _loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = causal_lm_loss_sum(model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return lora_model(model_dir, "quant.compute_dtype=float32", *overrides)
 
 
 def _padded_batch(tokenizer, side: str):
@@ -52,10 +37,10 @@ def _padded_batch(tokenizer, side: str):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_sdpa_alibi_gives_the_eager_loss_and_gradients(tiny_bloom, tokenizer, side):
     batch = _padded_batch(tokenizer, side)
-    eager_loss, eager_grads = _loss_and_grads(_model(tiny_bloom, "model.attn_implementation=eager"), batch)
+    eager_loss, eager_grads = loss_and_grads(_model(tiny_bloom, "model.attn_implementation=eager"), batch)
     fused = _model(tiny_bloom, "model.attn_implementation=sdpa")
     assert fused.config._attn_implementation == "sdpa"
-    fused_loss, fused_grads = _loss_and_grads(fused, batch)
+    fused_loss, fused_grads = loss_and_grads(fused, batch)
     torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=1e-5)
     assert eager_grads.keys() == fused_grads.keys() and len(eager_grads) > 0
     for name in eager_grads:
@@ -132,8 +117,8 @@ def test_blocks_without_checkpointing_give_the_checkpointed_loss_and_gradients(a
     flags = [b.gradient_checkpointing for b in some.base_model.model.modules() if hasattr(b, "self_attn")
              or hasattr(b, "self_attention")]
     assert flags == [True, False]  # the last block keeps its activations
-    every_loss, every_grads = _loss_and_grads(every, batch)
-    some_loss, some_grads = _loss_and_grads(some, batch)
+    every_loss, every_grads = loss_and_grads(every, batch)
+    some_loss, some_grads = loss_and_grads(some, batch)
     torch.testing.assert_close(some_loss, every_loss, rtol=0, atol=0)
     for name in every_grads:
         torch.testing.assert_close(some_grads[name], every_grads[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -5,27 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.loss import causal_lm_loss_sum, supports_chunked_loss
-from finetune.model import load_base, prepare_for_training
-from finetune.run import compose
-
-
-def _model(model_dir, *overrides):
-    cfg = compose([f"model.name_or_path={model_dir}", "output_dir=/tmp/unused", "lora.dropout=0.0", *overrides])
-    torch.manual_seed(0)
-    model = prepare_for_training(load_base(cfg, str(model_dir), torch.device("cpu")), cfg)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero; make every adapter matter
-            torch.nn.init.normal_(p, std=0.05)
-    return model
-
-
-def _loss_and_grads(model, batch, chunk_size, autocast):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = causal_lm_loss_sum(model, batch, chunk_size)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+from finetune.loss import supports_chunked_loss
+from tests.conftest import lora_model, loss_and_grads
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_bloom"])
@@ -33,7 +14,7 @@ def _loss_and_grads(model, batch, chunk_size, autocast):
 def test_chunked_loss_equals_plain_loss_and_gradients(arch, autocast, request, tokenizer):
     model_dir = request.getfixturevalue(arch)
     compute = "bfloat16" if autocast else "float32"
-    model = _model(model_dir, f"quant.compute_dtype={compute}")
+    model = lora_model(model_dir, f"quant.compute_dtype={compute}")
     assert supports_chunked_loss(model)
     enc = tokenizer(["What is the capital of France? Paris.", "The quick brown fox jumps"], return_tensors="pt",
                     padding=True)
@@ -41,8 +22,8 @@ def test_chunked_loss_equals_plain_loss_and_gradients(arch, autocast, request, t
     labels[enc["attention_mask"] == 0] = -100
     labels[0, :4] = -100  # a masked prompt
     batch = {**enc, "labels": labels}
-    plain_loss, plain_grads = _loss_and_grads(model, batch, 0, autocast)
-    chunk_loss, chunk_grads = _loss_and_grads(model, batch, 7, autocast)  # chunks straddle rows
+    plain_loss, plain_grads = loss_and_grads(model, batch, 0, autocast)
+    chunk_loss, chunk_grads = loss_and_grads(model, batch, 7, autocast)  # chunks straddle rows
     tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(chunk_loss, plain_loss, **tol)
     assert plain_grads.keys() == chunk_grads.keys() and plain_grads
@@ -51,7 +32,7 @@ def test_chunked_loss_equals_plain_loss_and_gradients(arch, autocast, request, t
 
 
 def test_trainable_head_falls_back_to_the_plain_path(tiny_llama):
-    model = _model(tiny_llama, "lora.modules_to_save=[lm_head]")
+    model = lora_model(tiny_llama, "lora.modules_to_save=[lm_head]")
     assert not supports_chunked_loss(model)
 
 
@@ -62,15 +43,15 @@ def test_trainable_head_falls_back_to_the_plain_path(tiny_llama):
 def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, request, tokenizer):
     from finetune.model import compile_blocks
 
-    model = _model(request.getfixturevalue(arch), "speed.fp32_frozen=false")
+    model = lora_model(request.getfixturevalue(arch), "speed.fp32_frozen=false")
     enc = tokenizer(["What is the capital of France? Paris.", "The quick brown fox"], return_tensors="pt",
                     padding=True)
     labels = enc["input_ids"].clone()
     labels[enc["attention_mask"] == 0] = -100
     batch = {**enc, "labels": labels}
-    eager_loss, eager_grads = _loss_and_grads(model, batch, 16, autocast=True)
+    eager_loss, eager_grads = loss_and_grads(model, batch, 16, autocast=True)
     assert compile_blocks(model) == 2
-    compiled_loss, compiled_grads = _loss_and_grads(model, batch, 16, autocast=True)
+    compiled_loss, compiled_grads = loss_and_grads(model, batch, 16, autocast=True)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-3, atol=0)
     # Inductor keeps fused elementwise math in fp32 where eager rounds to bf16 between ops: compare
     # the gradients as one vector by relative error, which bf16 rounding keeps near 1e-2.
@@ -84,6 +65,6 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, re
 def test_bf16_frozen_weights_change_the_loss_only_by_rounding(tiny_llama, tokenizer):
     enc = tokenizer(["What is the capital of France? Paris."], return_tensors="pt")
     batch = {**enc, "labels": enc["input_ids"].clone()}
-    fp32_loss, _ = _loss_and_grads(_model(tiny_llama), batch, 0, autocast=True)
-    bf16_loss, _ = _loss_and_grads(_model(tiny_llama, "speed.fp32_frozen=false"), batch, 0, autocast=True)
+    fp32_loss, _ = loss_and_grads(lora_model(tiny_llama), batch, 0, autocast=True)
+    bf16_loss, _ = loss_and_grads(lora_model(tiny_llama, "speed.fp32_frozen=false"), batch, 0, autocast=True)
     torch.testing.assert_close(bf16_loss, fp32_loss, rtol=1e-2, atol=0)
