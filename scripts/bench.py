@@ -127,27 +127,23 @@ def make_batches(examples: list[torch.Tensor], batch: int, seq: int, packing: bo
 # ----------------------------------------------------------------------------------------------
 # Workers (one per subprocess)
 # ----------------------------------------------------------------------------------------------
-def train_each(batch_sets: list[list[dict]], train) -> list[dict]:
+def train_each(batch_sets: list[list[dict]], train) -> None:
     """`train` on each set of batches in turn (the same model), each with its own peak memory; stops
     at the first set that runs out of GPU memory and marks it so. Prints each set's result as a
     `SET` line when it is done, so a worker that crashes later still reports what it measured."""
-    results = []
     for batches in batch_sets:
+        seq = batches[0]["input_ids"].shape[1]
         torch.cuda.reset_peak_memory_stats()
         try:
             result = train(batches)
         except torch.OutOfMemoryError:
-            results.append({"oom": True, "seq": batches[0]["input_ids"].shape[1]})
-            print("SET " + json.dumps(results[-1]), flush=True)
-            break
-        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["seq"] = batches[0]["input_ids"].shape[1]
-        results.append(result)
+            print("SET " + json.dumps({"oom": True, "seq": seq}), flush=True)
+            return
+        result.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30, seq=seq)
         print("SET " + json.dumps(result), flush=True)
-    return results
 
 
-def worker_hf(model_dir: str, batch_sets: list[list[dict]], batch: int) -> list[dict]:
+def worker_hf(model_dir: str, batch_sets: list[list[dict]], batch: int) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -159,7 +155,7 @@ def worker_hf(model_dir: str, batch_sets: list[list[dict]], batch: int) -> list[
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
-    return train_each(batch_sets, lambda batches: _train_hf(model, batches, batch))
+    train_each(batch_sets, lambda batches: _train_hf(model, batches, batch))
 
 
 def _train_hf(model, batches: list[dict], batch: int) -> dict:
@@ -211,7 +207,7 @@ def _train_hf(model, batches: list[dict], batch: int) -> dict:
 
 
 def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overrides: list[str],
-                profile: bool = False) -> list[dict]:
+                profile: bool = False) -> None:
     from finetune.loop import build_optimizer
     from finetune.model import compile_blocks, load_base, prepare_for_training
     from finetune.run import compose
@@ -230,7 +226,7 @@ def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overr
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     model.train()
-    return train_each(batch_sets, lambda batches: _train_ours(model, cfg, params, optimizer, batches, warmup, profile))
+    train_each(batch_sets, lambda batches: _train_ours(model, cfg, params, optimizer, batches, warmup, profile))
 
 
 def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int, profile: bool) -> dict:
