@@ -23,6 +23,7 @@ from finetune.quant import (
     saved_quantization,
     torch_dtype,
 )
+from finetune.recompute import checkpoint_inside, keep_matmul_outputs
 
 
 def resolve_model_source(m: ModelConfig, cache_dir: Path, seed: int = 0) -> str:
@@ -278,9 +279,16 @@ def compile_blocks(model) -> int:
 
     Regional compilation: the blocks share one class, so the first compile is reused by the rest.
     In place (`Module.compile`), unlike accelerate's `compile_regions`, which rebuilds the modules
-    and so renames the adapter weights in the state dict that PEFT saves.
+    and so renames the adapter weights in the state dict that PEFT saves. Checkpointing moves inside
+    the compiled blocks (finetune.recompute): checkpointed blocks recompute only what backward needs,
+    the others (speed.blocks_without_checkpointing) keep their matmul and attention outputs only.
     """
     blocks = decoder_blocks(model)
+    checkpointed = [b for b in blocks if getattr(b, "gradient_checkpointing", False)]
+    kept = [b for b in blocks if not getattr(b, "gradient_checkpointing", False)]
+    ranks = frozenset(int(r) for c in model.peft_config.values() for r in [c.r, *c.rank_pattern.values()])
+    checkpoint_inside(checkpointed, keep=None)
+    checkpoint_inside(kept, keep=keep_matmul_outputs(ranks))
     for block in blocks:
         block.compile()
     return len(blocks)

@@ -36,6 +36,10 @@ from pathlib import Path
 import torch
 
 SHAPES = {
+    "tiny-llama": dict(  # for running scripts/block_memory.py on the CPU (tests/test_recompute.py)
+        model_type="llama", vocab_size=1024, hidden_size=128, intermediate_size=448, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    ),
     "bloom-1b7": dict(model_type="bloom", vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16),
     "llama3.2-1b": dict(
         model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -91,11 +95,12 @@ def build_random_model(shape: str, out: Path) -> Path:
     arch = dict(SHAPES[shape])
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
     del model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.loss import supports_chunked_loss
+from finetune.loss import causal_lm_loss_sum, supports_chunked_loss
 from tests.conftest import lora_model, loss_and_grads
 
 
@@ -40,10 +40,13 @@ def test_trainable_head_falls_back_to_the_plain_path(tiny_llama):
     ("tiny_llama", "layers.0.self_attn.q_proj.lora_A.default.weight"),
     ("tiny_bloom", "h.0.self_attention.query_key_value.lora_A.default.weight"),  # BLOOM: fused SDPA ALiBi
 ])
-def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, request, tokenizer):
+@pytest.mark.parametrize("kept", [0, 1])  # speed.blocks_without_checkpointing: one block of each kind
+def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, kept, request, tokenizer):
     from finetune.model import compile_blocks
 
-    model = lora_model(request.getfixturevalue(arch), "speed.fp32_frozen=false")
+    model = lora_model(request.getfixturevalue(arch), "speed.fp32_frozen=false",
+                       f"speed.blocks_without_checkpointing={kept}")
+    model.train()  # checkpointing only applies in training (no dropout here: lora_model sets none)
     enc = tokenizer(["What is the capital of France? Paris.", "The quick brown fox"], return_tensors="pt",
                     padding=True)
     labels = enc["input_ids"].clone()
@@ -60,6 +63,10 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, re
     assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
     # adapter weights keep their names, so saved adapters load anywhere
     assert any(k.endswith(adapter_key) for k in model.state_dict())
+    # evaluation runs the blocks without checkpointing and computes the same loss
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(causal_lm_loss_sum(model, batch, 16), eager_loss, rtol=1e-3, atol=0)
 
 
 def test_bf16_frozen_weights_change_the_loss_only_by_rounding(tiny_llama, tokenizer):

@@ -1,0 +1,130 @@
+"""What a compiled decoder block keeps for its backward pass, and what it recomputes.
+
+transformers (5.17, at least) checkpoints a block around its call, outside torch.compile: backward
+then reruns the whole compiled forward, the block's last matmul (whose output backward does not
+need) included. A compiled block without checkpointing keeps what the compiler's partitioner picks
+on its own: 0.78 GiB per llama3-8b block at 2 x 2048 tokens on the H100.
+
+With speed.compile the checkpoint goes inside the compiled region instead (torch.utils.checkpoint,
+traced by dynamo), so the partitioner recomputes only what backward needs:
+- a checkpointed block keeps its input and recomputes the rest, but not the last matmul;
+- a block without checkpointing (speed.blocks_without_checkpointing) keeps the outputs of its frozen
+  matmuls and of attention (selective activation checkpointing) and recomputes only the cheap work:
+  norms, rotary, LoRA's rank-r matmuls, activations and dropout (from its seed): 0.33 GiB per
+  llama3-8b block, with no matmul recomputed either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+# Compute-bound ops whose outputs a block without checkpointing keeps (cf. torchtitan's op-level
+# selective activation checkpointing list). Looked up by name: not every torch build has each one.
+_ATTENTION_OPS = (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_flash_attention_forward", "_efficient_attention_forward",
+)
+_MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+
+
+def _kept_ops() -> set:
+    import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+    from torch._higher_order_ops.flex_attention import flex_attention
+
+    ops = {getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS if hasattr(torch.ops.aten, name)}
+    return ops | {flex_attention, torch.ops.bitsandbytes.gemm_4bit.default}
+
+
+def keep_matmul_outputs(lora_ranks: frozenset[int]) -> Callable:
+    """Selective checkpointing policy: keep the outputs of 4-bit and plain frozen matmuls and of attention.
+
+    A LoRA up-projection (an mm whose inner dimension is a LoRA rank) is recomputed instead: its
+    output is as large as the frozen matmul's it is added to, and costs only rank-r work to redo.
+    """
+    kept = _kept_ops()
+
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        if op in kept:
+            return CheckpointPolicy.MUST_SAVE
+        if op in _MATMUL_OPS:
+            inner = args[0].shape[-1] if op is torch.ops.aten.mm.default else args[1].shape[-1]
+            if inner not in lora_ranks:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def recompute_everything(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Full checkpointing, as a selective policy.
+
+    Written out rather than left to plain checkpointing because under plain checkpointing torch 2.11
+    (the H100 machine's) gives no recompute tag to the ops of a custom autograd.Function such as
+    bitsandbytes' 4-bit matmul, and its partitioner then saves their outputs: a llama3-8b step
+    peaked at 18.28 GiB instead of 8.82 (pytorch/pytorch#177396; torch 2.13 tags them). The
+    selective path tags every op it sees.
+    """
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_RECOMPUTE_EVERYTHING = functools.partial(create_selective_checkpoint_contexts, recompute_everything)
+
+
+def checkpoint_inside(blocks: list[torch.nn.Module], keep: Callable | None) -> None:
+    """Make each block's forward checkpoint itself, so that compiling the block traces the checkpoint.
+
+    `keep` is the selective checkpointing policy of blocks that keep some outputs
+    (keep_matmul_outputs), or None to recompute everything but the block's input. transformers' own
+    checkpointing of the blocks is turned off.
+    """
+    keep_context = functools.partial(create_selective_checkpoint_contexts, keep) if keep else None
+    for block in blocks:
+        block.gradient_checkpointing = False
+        # dynamo guards on this flag (a branch of the forward), not on the context function: the
+        # flag gives the two kinds of block their own compiled graphs.
+        block.finetune_keeps_outputs = keep is not None
+        block.finetune_keep_context = keep_context
+        block.forward = types.MethodType(_checkpointed_forward, block)
+
+
+def _checkpointed_forward(block, *args, **kwargs):
+    forward = functools.partial(type(block).forward, block)
+    # Evaluation and generation (eval mode or no grad) have no backward pass to recompute for.
+    if not (block.training and torch.is_grad_enabled()):
+        return forward(*args, **kwargs)
+    context_fn = block.finetune_keep_context if block.finetune_keeps_outputs else _RECOMPUTE_EVERYTHING
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+@contextlib.contextmanager
+def saved_tensors_by_block(blocks: list[torch.nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
+    """While open, collect per block the tensors its forward saves for backward: a measure of what
+    each kind of block keeps (scripts/block_memory.py, tests). Parameters and packed 4-bit weights,
+    which are stored anyway, are left out when the context closes."""
+    saved: list[list[torch.Tensor]] = [[] for _ in blocks]
+    handles = []
+    for block, into in zip(blocks, saved):
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t, into=into: (into.append(t), t)[1], lambda t: t)
+        # Disabled for the compiler: a compiled block's own hooks would be compiled with it.
+        handles.append(block.register_forward_pre_hook(torch.compiler.disable(lambda *_, h=hooks: h.__enter__())))
+        handles.append(block.register_forward_hook(
+            torch.compiler.disable(lambda *_, h=hooks: h.__exit__(None, None, None))))
+    try:
+        yield saved
+    finally:
+        for handle in handles:
+            handle.remove()
+        for into in saved:
+            into[:] = [t for t in into if not isinstance(t, torch.nn.Parameter) and t.dtype != torch.uint8]
+
+
+def distinct_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of `tensors`, each storage counted once."""
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
