@@ -118,10 +118,13 @@ def generate_samples(model, tokenizer, cfg: Config, fmt: str) -> list[tuple[str,
     """Greedy completions of `sample.prompts`, to show what the adapter changed."""
     was_training = model.training
     model.eval()
-    samples = [
-        (prompt, generate(model, tokenizer, cfg, prompt, fmt, cfg.sample.max_new_tokens, do_sample=False))
-        for prompt in cfg.sample.prompts
-    ]
+    # Eagerly, also with speed.compile: each decoding step with a KV cache would be another compile
+    # of the blocks, and past dynamo's recompile limit the training steps would run uncompiled.
+    with torch.compiler.set_stance("force_eager"):
+        samples = [
+            (prompt, generate(model, tokenizer, cfg, prompt, fmt, cfg.sample.max_new_tokens, do_sample=False))
+            for prompt in cfg.sample.prompts
+        ]
     if was_training:
         model.train()
     return samples

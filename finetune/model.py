@@ -272,6 +272,7 @@ def keep_activations_of_last_blocks(model, count: int) -> None:
         ])
     for block in blocks[len(blocks) - count:]:
         block.gradient_checkpointing = False
+        block.finetune_without_checkpointing = True  # compile_blocks gives these their own policy
 
 
 def compile_blocks(model) -> int:
@@ -284,11 +285,13 @@ def compile_blocks(model) -> int:
     the others (speed.blocks_without_checkpointing) keep their matmul and attention outputs only.
     """
     blocks = decoder_blocks(model)
+    # Without train.gradient_checkpointing no block is either: those compile as they are.
     checkpointed = [b for b in blocks if getattr(b, "gradient_checkpointing", False)]
-    kept = [b for b in blocks if not getattr(b, "gradient_checkpointing", False)]
-    ranks = frozenset(int(r) for c in model.peft_config.values() for r in [c.r, *c.rank_pattern.values()])
+    without = [b for b in blocks if getattr(b, "finetune_without_checkpointing", False)]
     checkpoint_inside(checkpointed, keep=None)
-    checkpoint_inside(kept, keep=keep_matmul_outputs(ranks))
+    if without:
+        ranks = {int(r) for c in getattr(model, "peft_config", {}).values() for r in [c.r, *c.rank_pattern.values()]}
+        checkpoint_inside(without, keep=keep_matmul_outputs(frozenset(ranks)))
     for block in blocks:
         block.compile()
     return len(blocks)

@@ -1,17 +1,19 @@
 """What a compiled decoder block keeps for its backward pass, and what it recomputes.
 
-transformers (5.17, at least) checkpoints a block around its call, outside torch.compile: backward
-then reruns the whole compiled forward, the block's last matmul (whose output backward does not
-need) included. A compiled block without checkpointing keeps what the compiler's partitioner picks
-on its own: 0.78 GiB per llama3-8b block at 2 x 2048 tokens on the H100.
+transformers 5.17 (the H100 machine's) checkpoints a block around its call, outside torch.compile:
+backward then reruns the whole compiled forward, the block's last matmul (whose output backward does
+not need) included; later versions checkpoint `forward`, inside the compiled region, but plainly
+(see recompute_everything). A compiled block without checkpointing keeps what the compiler's
+partitioner picks on its own: 0.78 GiB per llama3-8b block at 2 x 2048 tokens on the H100.
 
 With speed.compile the checkpoint goes inside the compiled region instead (torch.utils.checkpoint,
 traced by dynamo), so the partitioner recomputes only what backward needs:
 - a checkpointed block keeps its input and recomputes the rest, but not the last matmul;
 - a block without checkpointing (speed.blocks_without_checkpointing) keeps the outputs of its frozen
   matmuls and of attention (selective activation checkpointing) and recomputes only the cheap work:
-  norms, rotary, LoRA's rank-r matmuls, activations and dropout (from its seed): 0.33 GiB per
-  llama3-8b block, with no matmul recomputed either way.
+  norms, rotary, LoRA's rank-r up-projections, activations and dropout (from its seed): 0.33 GiB
+  per llama3-8b block, with no frozen matmul recomputed either way (for 4-bit and unquantized
+  bases; bitsandbytes' int8 matmul is not in the kept list and would be recomputed).
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ def _kept_ops() -> set:
     from torch._higher_order_ops.flex_attention import flex_attention
 
     ops = {getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS if hasattr(torch.ops.aten, name)}
-    return ops | {flex_attention, torch.ops.bitsandbytes.gemm_4bit.default}
+    # bitsandbytes 0.50's fused 4-bit matmul; before it, a 4-bit matmul is dequantize + mm (kept as mm).
+    if hasattr(torch.ops.bitsandbytes, "gemm_4bit"):
+        ops.add(torch.ops.bitsandbytes.gemm_4bit.default)
+    return ops | {flex_attention}
 
 
 def keep_matmul_outputs(lora_ranks: frozenset[int]) -> Callable:
@@ -91,11 +96,13 @@ def checkpoint_inside(blocks: list[torch.nn.Module], keep: Callable | None) -> N
         # flag gives the two kinds of block their own compiled graphs.
         block.finetune_keeps_outputs = keep is not None
         block.finetune_keep_context = keep_context
+        # The instance's forward, not the class's: accelerate's device hooks replace it per instance.
+        block.finetune_unwrapped_forward = block.forward
         block.forward = types.MethodType(_checkpointed_forward, block)
 
 
 def _checkpointed_forward(block, *args, **kwargs):
-    forward = functools.partial(type(block).forward, block)
+    forward = block.finetune_unwrapped_forward
     # Evaluation and generation (eval mode or no grad) have no backward pass to recompute for.
     if not (block.training and torch.is_grad_enabled()):
         return forward(*args, **kwargs)
@@ -111,7 +118,11 @@ def saved_tensors_by_block(blocks: list[torch.nn.Module]) -> Iterator[list[list[
     saved: list[list[torch.Tensor]] = [[] for _ in blocks]
     handles = []
     for block, into in zip(blocks, saved):
-        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t, into=into: (into.append(t), t)[1], lambda t: t)
+        def record(tensor: torch.Tensor, into=into) -> torch.Tensor:
+            into.append(tensor)
+            return tensor
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(record, lambda t: t)
         # Disabled for the compiler: a compiled block's own hooks would be compiled with it.
         handles.append(block.register_forward_pre_hook(torch.compiler.disable(lambda *_, h=hooks: h.__enter__())))
         handles.append(block.register_forward_hook(

@@ -147,6 +147,14 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
+@pytest.fixture
+def fresh_compile_cache():
+    """Forget earlier tests' compiles: they count towards dynamo's recompile limit for the same block
+    code, past which blocks would run eagerly and a compiled-path test would test eager code."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
 def lora_model(model_dir: Path, *overrides: str):
     """The real NF4 base with LoRA adapters, on the CPU, every adapter non-zero (no dropout)."""
     from finetune.model import load_base, prepare_for_training

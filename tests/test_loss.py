@@ -41,7 +41,10 @@ def test_trainable_head_falls_back_to_the_plain_path(tiny_llama):
     ("tiny_bloom", "h.0.self_attention.query_key_value.lora_A.default.weight"),  # BLOOM: fused SDPA ALiBi
 ])
 @pytest.mark.parametrize("kept", [0, 1])  # speed.blocks_without_checkpointing: one block of each kind
-def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, kept, request, tokenizer):
+def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, kept, request, tokenizer,
+                                                           fresh_compile_cache):
+    from torch._dynamo.utils import counters
+
     from finetune.model import compile_blocks
 
     model = lora_model(request.getfixturevalue(arch), "speed.fp32_frozen=false",
@@ -55,6 +58,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, ke
     eager_loss, eager_grads = loss_and_grads(model, batch, 16, autocast=True)
     assert compile_blocks(model) == 2
     compiled_loss, compiled_grads = loss_and_grads(model, batch, 16, autocast=True)
+    assert counters["stats"]["unique_graphs"] == 1 + kept  # the blocks ran compiled, each kind its own graph
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-3, atol=0)
     # Inductor keeps fused elementwise math in fp32 where eager rounds to bf16 between ops: compare
     # the gradients as one vector by relative error, which bf16 rounding keeps near 1e-2.

@@ -17,12 +17,7 @@ from finetune.model import compile_blocks, decoder_blocks
 from finetune.recompute import distinct_bytes, saved_tensors_by_block
 from tests.conftest import ROOT, lora_model
 
-
-@pytest.fixture(autouse=True)
-def fresh_compile_cache():
-    # Compiles of earlier tests count towards dynamo's recompile limit for the same block code;
-    # past it, blocks run eagerly and these measurements would see eager checkpointing instead.
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compile_cache")
 
 
 def _saved_by_block(model, input_ids: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -78,3 +73,46 @@ def test_block_memory_script_reports_both_kinds_of_block(tmp_path):
     sizes = dict(re.findall(r"block \d+ \((\w+)\): ([\d.]+) MiB", out.stdout))
     assert sizes.keys() == {"checkpointed", "kept"}
     assert float(sizes["kept"]) > float(sizes["checkpointed"]) > 0
+
+
+def test_without_gradient_checkpointing_blocks_compile_as_they_are(tiny_llama):
+    model = lora_model(tiny_llama, "speed.fp32_frozen=false", "train.gradient_checkpointing=false")
+    compile_blocks(model)
+    assert not any(hasattr(b, "finetune_keeps_outputs") for b in decoder_blocks(model))
+
+
+def test_checkpointing_inside_keeps_a_hook_that_replaced_the_forward(tiny_llama):
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    from finetune.recompute import checkpoint_inside
+
+    class CountCalls(ModelHook):  # as accelerate's device-placement hooks do, per instance
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            CountCalls.calls += 1
+            return args, kwargs
+
+    model = lora_model(tiny_llama, "speed.fp32_frozen=false")
+    model.train()
+    blocks = decoder_blocks(model)
+    add_hook_to_module(blocks[0], CountCalls())
+    checkpoint_inside(blocks, keep=None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=torch.randint(3, 100, (1, 9))).logits.float().sum().backward()
+    assert CountCalls.calls == 2  # the forward and its recompute
+
+
+def test_samples_before_training_do_not_use_up_the_compiles(tiny_llama, tokenizer):
+    from torch._dynamo.utils import counters
+
+    from finetune.loop import generate_samples
+    from finetune.run import compose
+
+    cfg = compose([f"model.name_or_path={tiny_llama}", "output_dir=/tmp/unused", "sample.prompts=[Hello there]",
+                   "sample.max_new_tokens=6"])
+    model = lora_model(tiny_llama, "speed.fp32_frozen=false")
+    compile_blocks(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate_samples(model, tokenizer, cfg, "text")
+    assert counters["stats"]["unique_graphs"] == 0
