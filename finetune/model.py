@@ -275,6 +275,15 @@ def keep_activations_of_last_blocks(model, count: int) -> None:
         block.finetune_without_checkpointing = True  # compile_blocks gives these their own policy
 
 
+def checkpointing_of(block) -> str:
+    """A block's gradient checkpointing as prepare_for_training set it (read it before compile_blocks,
+    which takes checkpointing over): "checkpointed", "without checkpointing"
+    (speed.blocks_without_checkpointing) or "none" (train.gradient_checkpointing=false)."""
+    if getattr(block, "gradient_checkpointing", False):
+        return "checkpointed"
+    return "without checkpointing" if getattr(block, "finetune_without_checkpointing", False) else "none"
+
+
 def compile_blocks(model) -> int:
     """torch.compile each repeated decoder block in place; returns how many were compiled.
 
@@ -286,8 +295,8 @@ def compile_blocks(model) -> int:
     """
     blocks = decoder_blocks(model)
     # Without train.gradient_checkpointing no block is either: those compile as they are.
-    checkpointed = [b for b in blocks if getattr(b, "gradient_checkpointing", False)]
-    without = [b for b in blocks if getattr(b, "finetune_without_checkpointing", False)]
+    checkpointed = [b for b in blocks if checkpointing_of(b) == "checkpointed"]
+    without = [b for b in blocks if checkpointing_of(b) == "without checkpointing"]
     checkpoint_inside(checkpointed, keep=None)
     if without:
         ranks = {int(r) for c in getattr(model, "peft_config", {}).values() for r in [c.r, *c.rank_pattern.values()]}

@@ -136,6 +136,11 @@ def saved_tensors_by_block(blocks: list[torch.nn.Module]) -> Iterator[list[list[
             into[:] = [t for t in into if not isinstance(t, torch.nn.Parameter) and t.dtype != torch.uint8]
 
 
+def distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors` with each storage once (a tensor saved by several ops is one allocation)."""
+    return list({t.data_ptr(): t for t in tensors}.values())
+
+
 def distinct_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of `tensors`, each storage counted once."""
-    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
+    return sum(t.numel() * t.element_size() for t in distinct(tensors))

@@ -3,7 +3,7 @@
     python scripts/block_memory.py --shape llama3.2-1b --batch 2 --seq 2048 speed=fast speed.blocks_without_checkpointing=4
 
 Builds the shape with random weights (as scripts/bench.py does), runs one training forward under
-autocast with the recipe overrides given, and prints, for each kind of block (checkpointed or not),
+autocast with the recipe overrides given, and prints, for each kind of block (checkpointed, without checkpointing),
 the distinct tensors it saved for backward (parameters and 4-bit weights left out) by shape and dtype.
 """
 
@@ -30,8 +30,8 @@ def main() -> None:
     args = p.parse_args()
 
     from finetune.loss import causal_lm_loss_sum
-    from finetune.model import compile_blocks, decoder_blocks, load_base, prepare_for_training
-    from finetune.recompute import distinct_bytes, saved_tensors_by_block
+    from finetune.model import checkpointing_of, compile_blocks, decoder_blocks, load_base, prepare_for_training
+    from finetune.recompute import distinct, distinct_bytes, saved_tensors_by_block
     from finetune.run import compose
 
     model_dir = str(build_random_model(args.shape, Path(args.cache) / args.shape))
@@ -40,7 +40,7 @@ def main() -> None:
                    *args.overrides])
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     model = prepare_for_training(load_base(cfg, model_dir, device), cfg)
-    kinds = ["checkpointed" if getattr(b, "gradient_checkpointing", False) else "kept" for b in decoder_blocks(model)]
+    kinds = [checkpointing_of(b) for b in decoder_blocks(model)]  # before compile_blocks takes checkpointing over
     if cfg.speed.compile:
         compile_blocks(model)
     model.train()
@@ -52,11 +52,9 @@ def main() -> None:
     with saved_tensors_by_block(decoder_blocks(model)) as saved, autocast:
         causal_lm_loss_sum(model, batch, cfg.speed.loss_chunk_size).backward()
     lines = []
-    for kind in ("checkpointed", "kept"):
-        if kind not in kinds:
-            continue
+    for kind in dict.fromkeys(kinds):  # each kind once, in block order
         tensors = saved[kinds.index(kind)]
-        groups = Counter((tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in {t.data_ptr(): t for t in tensors}.values())
+        groups = Counter((tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in distinct(tensors))
         lines.append(f"block {kinds.index(kind)} ({kind}): {distinct_bytes(tensors) / 2**20:,.2f} MiB in "
                      f"{sum(groups.values())} tensors")
         lines += [f"    {n} x {list(shape)} {dtype}"
@@ -72,6 +70,7 @@ def main() -> None:
         print(f"peak memory of a training step {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print(f"{args.shape} b{args.batch} s{args.seq} {' '.join(args.overrides)}")
     print("\n".join(lines))
+
 
 if __name__ == "__main__":
     main()
