@@ -154,6 +154,9 @@ class SpeedConfig:
     # attention outputs (finetune/recompute.py): 0.33 GiB per llama3-8b block at 2 x 2048 tokens,
     # against 0.78 GiB with what the compiler kept on its own. 0 checkpoints every block.
     blocks_without_checkpointing: int = 0
+    # With speed.compile on a GPU: replay each compiled block's kernels as a CUDA graph (torch.compile's
+    # "reduce-overhead" mode), so the GPU no longer waits on the CPU launching them one by one.
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -313,6 +316,8 @@ def check_config(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> 
     if cfg.speed.blocks_without_checkpointing > 0 and not t.gradient_checkpointing:
         p.append(f"speed.blocks_without_checkpointing={cfg.speed.blocks_without_checkpointing} has no effect with "
                  "train.gradient_checkpointing=false (no block is checkpointed); set it to 0 or turn checkpointing on")
+    if cfg.speed.cuda_graphs and not cfg.speed.compile:
+        p.append("speed.cuda_graphs=true replays compiled blocks; set speed.compile=true as well")
     if cfg.speed.loss_chunk_size < 0:
         p.append(f"speed.loss_chunk_size must be >= 0, 0 turns the chunked loss off (got {cfg.speed.loss_chunk_size})")
     if d.max_length < 8:

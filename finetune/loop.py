@@ -34,7 +34,7 @@ from finetune.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from finetune.config import Config, ConfigError
+from finetune.config import Config, ConfigError, SpeedConfig
 from finetune.data import Collator, build_datasets, encode_prompt
 from finetune.fingerprint import run_fingerprint
 from finetune.loss import causal_lm_loss_sum, count_targets
@@ -88,14 +88,14 @@ def sustained_tokens_per_s(state: TrainState, after_first_step: Optional[tuple[i
 
 
 @torch.no_grad()
-def evaluate(model, batches, accelerator: Accelerator, loss_chunk_size: int) -> float:
+def evaluate(model, batches, accelerator: Accelerator, speed: SpeedConfig) -> float:
     """Mean loss per target token over the eval batches, across every process."""
     model.eval()
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            totals[0] += causal_lm_loss_sum(model, batch, loss_chunk_size).double()
+            totals[0] += causal_lm_loss_sum(model, batch, speed.loss_chunk_size, speed.compile).double()
         totals[1] += count_targets(batch)
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
@@ -166,7 +166,9 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         raise ConfigError([f"the tokenizer of {cfg.model.tokenizer or cfg.model.name_or_path} cannot be used: {e}"]) from e
     with accelerator.main_process_first():
         data = build_datasets(cfg.data, tokenizer, seed=t.seed)
-    collate = Collator(tokenizer.pad_token_id)
+    # speed.cuda_graphs records one graph per batch width: widths padded to a multiple of 128 tokens
+    # bound the recordings to max_seq_len / 128 (packed rows all have one width).
+    collate = Collator(tokenizer.pad_token_id, pad_to_multiple_of=128 if cfg.speed.cuda_graphs else None)
     train_batches = EpochBatches(
         data.train, t.batch_size, collate, seed=t.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -181,7 +183,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     footprint = model.get_memory_footprint()
     model = prepare_for_training(model, cfg)
     if cfg.speed.compile:
-        compile_blocks(model)  # compiled on the first step's shapes; later shapes may recompile
+        compile_blocks(model, cfg.speed.cuda_graphs)  # compiled on the first step's shapes; later shapes may recompile
     trainable, total = count_parameters(model)
 
     # 3. Optimizer over the adapter parameters only; the LR schedule counts optimizer steps.
@@ -224,7 +226,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
 
     if not resume_from:  # a resumed run has these from its checkpoint
         if data.eval is not None:
-            state.evals.append([0, evaluate(model, eval_batches(), accelerator, cfg.speed.loss_chunk_size)])
+            state.evals.append([0, evaluate(model, eval_batches(), accelerator, cfg.speed)])
         if is_main:
             # Under autocast as in training: the adapters expect the autocast dtype (model.prepare_for_training).
             with accelerator.autocast():
@@ -259,7 +261,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    loss_sum = causal_lm_loss_sum(model, batch, cfg.speed.loss_chunk_size)
+                    loss_sum = causal_lm_loss_sum(model, batch, cfg.speed.loss_chunk_size, cfg.speed.compile)
                 # DDP averages gradients over processes; scaling by the process count makes the
                 # step's gradient the mean over all target tokens of the global batch.
                 accelerator.backward(loss_sum * accelerator.num_processes / max(global_targets, 1))
@@ -307,7 +309,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
                              "train/tokens_per_s": tok_s}, step=step)
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and data.eval is not None:
-            eval_loss = evaluate(model, eval_batches(), accelerator, cfg.speed.loss_chunk_size)
+            eval_loss = evaluate(model, eval_batches(), accelerator, cfg.speed)
             state.evals.append([step, eval_loss])
             accelerator.log({"eval/loss": eval_loss}, step=step)
             progress.write(f"step {step}: eval loss {eval_loss:.4f}")
@@ -336,7 +338,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
 
     # 5. Final eval, adapter, samples and the end-of-run summary.
     if data.eval is not None:
-        state.evals.append([t.max_steps, evaluate(model, eval_batches(), accelerator, cfg.speed.loss_chunk_size)])
+        state.evals.append([t.max_steps, evaluate(model, eval_batches(), accelerator, cfg.speed)])
         accelerator.log({"eval/loss": state.evals[-1][1]}, step=t.max_steps)
     accelerator.wait_for_everyone()
     summary: dict = {}

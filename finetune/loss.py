@@ -30,33 +30,67 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _chunk_log_probs(h, w, b, y):
+    """A chunk's fp32 log-probabilities, labels with ignored rows pointed at 0, the labelled-row mask
+    and the summed NLL."""
+    valid = y != IGNORE_INDEX
+    safe_y = torch.where(valid, y, 0)
+    log_probs = torch.log_softmax(F.linear(h, w, b).float(), dim=-1)
+    total = -(log_probs.gather(1, safe_y[:, None]).squeeze(1) * valid).sum()
+    return log_probs, safe_y, valid, total
+
+
+def _chunk_nll_and_grad(h, w, b, y, with_grad: bool):
+    """One chunk's summed NLL and, with `with_grad`, its gradient with respect to `h`.
+
+    `y` holds IGNORE_INDEX on unlabelled rows; such rows add nothing (masked, not skipped: skipping
+    an all-unlabelled chunk would need a GPU->CPU sync per chunk to find out). In place where it can
+    be, so the eager peak is the fp32 log-probabilities and one more chunk x vocab tensor."""
+    log_probs, safe_y, valid, total = _chunk_log_probs(h, w, b, y)
+    if not with_grad:
+        return total, None
+    # d(sum nll)/d logits = softmax - one_hot, on labelled rows only
+    grad_logits = log_probs.exp_()
+    grad_logits[torch.arange(len(y), device=y.device), safe_y] -= 1
+    grad_logits *= valid[:, None]
+    return total, grad_logits.to(w.dtype) @ w
+
+
+def _fusable_chunk_nll_and_grad(h, w, b, y, with_grad: bool):
+    """_chunk_nll_and_grad written for the compiler: no in-place scatter, the one-hot as a comparison
+    with the column index, so the cast, log-softmax, gather and gradient fuse into kernels that read
+    the chunk's logits and write its gradient without holding fp32 chunk x vocab tensors (1 GiB for
+    llama3's vocabulary at 1,024 tokens when eager). Run only compiled: eagerly it holds more."""
+    log_probs, safe_y, valid, total = _chunk_log_probs(h, w, b, y)
+    if not with_grad:
+        return total, None
+    is_label = torch.arange(log_probs.shape[-1], device=y.device) == safe_y[:, None]
+    grad_logits = (log_probs.exp() - is_label.float()) * valid[:, None]
+    return total, grad_logits.to(w.dtype) @ w
+
+
+# speed.compile. Shapes are marked dynamic on their second variant (the last, shorter chunk).
+_compiled_chunk_nll_and_grad = torch.compile(_fusable_chunk_nll_and_grad)
+
+
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy over tokens of `hidden @ weight.T (+ bias)`, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, compiled: bool):
+        chunk = _compiled_chunk_nll_and_grad if compiled else _chunk_nll_and_grad
         dtype = _compute_dtype(weight)
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
-        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if hidden.requires_grad else None
+        with_grad = hidden.requires_grad
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if with_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
-            y = labels[start:start + chunk_size]
-            valid = y != IGNORE_INDEX
-            if not bool(valid.any()):
-                continue
-            h = hidden[start:start + chunk_size].to(dtype)
-            logits = F.linear(h, w, b).float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            safe_y = torch.where(valid, y, 0)
-            nll = -log_probs.gather(1, safe_y[:, None]).squeeze(1)
-            total += (nll * valid).sum()
-            if grad_hidden is not None:
-                # d(sum nll)/d logits = softmax - one_hot, on labelled rows only
-                grad_logits = log_probs.exp_()
-                grad_logits[torch.arange(len(y), device=y.device), safe_y] -= 1
-                grad_logits *= valid[:, None]
-                grad_hidden[start:start + chunk_size] = grad_logits.to(dtype) @ w
+            rows = slice(start, start + chunk_size)
+            nll_sum, grad = chunk(hidden[rows].to(dtype), w, b, labels[rows], with_grad)
+            total += nll_sum
+            if with_grad:
+                grad_hidden[rows] = grad
         ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
         return total
@@ -65,8 +99,8 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
         if grad_hidden is None:
-            return None, None, None, None, None
-        return (grad_hidden * grad_total).to(ctx.hidden_dtype), None, None, None, None
+            return None, None, None, None, None, None
+        return (grad_hidden * grad_total).to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def _decoder_and_head(model):
@@ -93,10 +127,12 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> torch.Tensor:
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 0,
+                       compiled: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropy over the labelled tokens of a batch.
 
     `chunk_size` > 0 uses the chunked frozen-head path (where the model allows it); 0 the plain one.
+    `compiled` (speed.compile) runs each chunk's loss and gradient as one compiled function.
     A batch may carry `position_ids` (packed rows) instead of `attention_mask`.
     """
     inputs = model_inputs(batch)
@@ -109,7 +145,7 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 
     decoder, head = parts
     hidden = decoder(**inputs).last_hidden_state[:, :-1]
     flat_hidden = hidden.reshape(-1, hidden.size(-1))
-    return _FrozenHeadCrossEntropy.apply(flat_hidden, head.weight, head.bias, labels.reshape(-1), chunk_size)
+    return _FrozenHeadCrossEntropy.apply(flat_hidden, head.weight, head.bias, labels.reshape(-1), chunk_size, compiled)
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

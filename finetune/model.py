@@ -284,7 +284,7 @@ def checkpointing_of(block) -> str:
     return "without checkpointing" if getattr(block, "finetune_without_checkpointing", False) else "none"
 
 
-def compile_blocks(model) -> int:
+def compile_blocks(model, cuda_graphs: bool = False) -> int:
     """torch.compile each repeated decoder block in place; returns how many were compiled.
 
     Regional compilation: the blocks share one class, so the first compile is reused by the rest.
@@ -302,7 +302,7 @@ def compile_blocks(model) -> int:
         ranks = {int(r) for c in getattr(model, "peft_config", {}).values() for r in [c.r, *c.rank_pattern.values()]}
         checkpoint_inside(without, keep=keep_matmul_outputs(frozenset(ranks)))
     for block in blocks:
-        block.compile()
+        block.compile(mode="reduce-overhead" if cuda_graphs else None)
     return len(blocks)
 
 

@@ -227,7 +227,7 @@ def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overr
     torch.manual_seed(0)
     model = prepare_for_training(base, cfg)
     if cfg.speed.compile:
-        compile_blocks(model)
+        compile_blocks(model, cfg.speed.cuda_graphs)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     model.train()
@@ -248,13 +248,13 @@ def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int,
                                  schedule=schedule(wait=0, warmup=warmup, active=2, repeat=1))
         profiler.start()
     for b in batches:
+        n = count_targets(b)  # on the CPU, as finetune.loop does: counted on the GPU it would sync the step
         b = {k: v.to(device) for k, v in b.items()}
         tokens.append(int(b["attention_mask"].sum()))
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss_sum = causal_lm_loss_sum(model, b, cfg.speed.loss_chunk_size)
-        n = count_targets(b)
+            loss_sum = causal_lm_loss_sum(model, b, cfg.speed.loss_chunk_size, cfg.speed.compile)
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()
@@ -268,7 +268,12 @@ def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int,
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60),
               file=sys.stderr, flush=True)
-    return {"step_seconds": times, "losses": losses, "step_tokens": tokens}
+    from torch._dynamo.utils import counters
+
+    # So a run shows that its blocks ran compiled (past dynamo's recompile limit they run eagerly) and
+    # whether Inductor had to skip CUDA graphs for some (speed.cuda_graphs).
+    compiled = {"graphs": counters["stats"]["unique_graphs"], "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    return {"step_seconds": times, "losses": losses, "step_tokens": tokens, "compiled": compiled}
 
 
 def run_worker(args) -> None:
@@ -370,8 +375,9 @@ def main() -> None:
         r["mfu"] = r["tokens_per_s"] * fpt / (peak_tflops * 1e12)
         results[side] = r
         # as each side finishes, so a run cut short still shows what it measured
-        print(f"{side}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {100 * r['mfu']:.1f}%, "
-              f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
+        compiled = "".join(f", {k} {v}" for k, v in r.get("compiled", {}).items())
+        print(f"{side}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {100 * r['mfu']:.1f}%"
+              f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
 
     if args.max_seq:
         return

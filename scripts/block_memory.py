@@ -50,7 +50,7 @@ def main() -> None:
     # A first step (which compiles) records what each block saves; it holds on to those tensors
     # through backward, so the memory is measured on a second step, recording nothing.
     with saved_tensors_by_block(decoder_blocks(model)) as saved, autocast:
-        causal_lm_loss_sum(model, batch, cfg.speed.loss_chunk_size).backward()
+        causal_lm_loss_sum(model, batch, cfg.speed.loss_chunk_size, cfg.speed.compile).backward()
     lines = []
     for kind in dict.fromkeys(kinds):  # each kind once, in block order
         tensors = saved[kinds.index(kind)]
@@ -64,7 +64,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         with autocast:
-            loss = causal_lm_loss_sum(model, batch, cfg.speed.loss_chunk_size)
+            loss = causal_lm_loss_sum(model, batch, cfg.speed.loss_chunk_size, cfg.speed.compile)
         print(f"memory after forward {torch.cuda.memory_allocated() / 2**30:.2f} GiB", flush=True)
         loss.backward()
         print(f"peak memory of a training step {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

@@ -169,12 +169,12 @@ def lora_model(model_dir: Path, *overrides: str):
     return model
 
 
-def loss_and_grads(model, batch: dict, chunk_size: int = 0, autocast: bool = False):
+def loss_and_grads(model, batch: dict, chunk_size: int = 0, autocast: bool = False, compiled_loss: bool = False):
     """The loss sum of `batch` and every parameter's gradient from it."""
     from finetune.loss import causal_lm_loss_sum
 
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = causal_lm_loss_sum(model, batch, chunk_size)
+        loss = causal_lm_loss_sum(model, batch, chunk_size, compiled_loss)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -132,3 +132,22 @@ def test_bloom_recipe_builds_random_weights_from_its_architecture(tmp_path, cach
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     leaves = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
     assert leaves == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+
+
+def test_compiled_run_with_cuda_graphs_trains_as_the_eager_run(tiny_llama, instruction_file, cache_dir, tmp_path):
+    """speed=fast with CUDA graphs (none on the CPU: blocks run compiled), batches padded to 128 tokens,
+    the compiled chunked loss and a block without checkpointing: the real loop gives the eager run's
+    losses and evaluations."""
+    runs = {}
+    for name, extra in [("eager", []), ("compiled", ["speed=fast", "speed.cuda_graphs=true",
+                                                     "speed.blocks_without_checkpointing=1"])]:
+        out = tmp_path / name
+        result = run_cli(tiny_run_args(tiny_llama, instruction_file, out, "lora.dropout=0.0", "train.eval_every=2",
+                                       "speed.fp32_frozen=false", "train.max_steps=4", *extra), cache_dir)
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[name] = json.loads((out / "summary.json").read_text())
+    eager, compiled = runs["eager"], runs["compiled"]
+    assert [s for s, _ in compiled["losses"]] == [1, 2, 3, 4]
+    assert compiled["eval_loss"][-1][1] < compiled["eval_loss"][0][1]  # it learns
+    for (_, a), (_, b) in zip(eager["losses"] + eager["eval_loss"], compiled["losses"] + compiled["eval_loss"]):
+        assert b == pytest.approx(a, rel=2e-3)

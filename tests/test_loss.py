@@ -11,7 +11,8 @@ from tests.conftest import lora_model, loss_and_grads
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_bloom"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_chunked_loss_equals_plain_loss_and_gradients(arch, autocast, request, tokenizer):
+@pytest.mark.parametrize("compiled", [False, True])  # speed.compile: each chunk's loss and gradient compiled
+def test_chunked_loss_equals_plain_loss_and_gradients(arch, autocast, compiled, request, tokenizer):
     model_dir = request.getfixturevalue(arch)
     compute = "bfloat16" if autocast else "float32"
     model = lora_model(model_dir, f"quant.compute_dtype={compute}")
@@ -20,10 +21,11 @@ def test_chunked_loss_equals_plain_loss_and_gradients(arch, autocast, request, t
                     padding=True)
     labels = enc["input_ids"].clone()
     labels[enc["attention_mask"] == 0] = -100
-    labels[0, :4] = -100  # a masked prompt
+    labels[0, :8] = -100  # a masked prompt
+    assert (labels[:, 1:].reshape(-1)[:7] == -100).all()  # the first chunk has no labelled token
     batch = {**enc, "labels": labels}
     plain_loss, plain_grads = loss_and_grads(model, batch, 0, autocast)
-    chunk_loss, chunk_grads = loss_and_grads(model, batch, 7, autocast)  # chunks straddle rows
+    chunk_loss, chunk_grads = loss_and_grads(model, batch, 7, autocast, compiled)  # chunks straddle rows
     tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(chunk_loss, plain_loss, **tol)
     assert plain_grads.keys() == chunk_grads.keys() and plain_grads
@@ -40,8 +42,11 @@ def test_trainable_head_falls_back_to_the_plain_path(tiny_llama):
     ("tiny_llama", "layers.0.self_attn.q_proj.lora_A.default.weight"),
     ("tiny_bloom", "h.0.self_attention.query_key_value.lora_A.default.weight"),  # BLOOM: fused SDPA ALiBi
 ])
-@pytest.mark.parametrize("kept", [0, 1])  # speed.blocks_without_checkpointing: one block of each kind
-def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, kept, request, tokenizer,
+@pytest.mark.parametrize("kept, cuda_graphs", [
+    (0, False), (1, False),  # speed.blocks_without_checkpointing: one block of each kind
+    (1, True),  # speed.cuda_graphs on the CPU: Inductor has no CUDA graphs there and runs the blocks compiled
+])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, kept, cuda_graphs, request, tokenizer,
                                                            fresh_compile_cache):
     from torch._dynamo.utils import counters
 
@@ -56,7 +61,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, ke
     labels[enc["attention_mask"] == 0] = -100
     batch = {**enc, "labels": labels}
     eager_loss, eager_grads = loss_and_grads(model, batch, 16, autocast=True)
-    assert compile_blocks(model) == 2
+    assert compile_blocks(model, cuda_graphs) == 2
     compiled_loss, compiled_grads = loss_and_grads(model, batch, 16, autocast=True)
     assert counters["stats"]["unique_graphs"] == 1 + kept  # the blocks ran compiled, each kind its own graph
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-3, atol=0)
