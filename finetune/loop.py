@@ -38,7 +38,14 @@ from finetune.config import Config, ConfigError, SpeedConfig
 from finetune.data import Collator, build_datasets, encode_prompt
 from finetune.fingerprint import run_fingerprint
 from finetune.loss import causal_lm_loss_sum, count_targets
-from finetune.model import compile_blocks, count_parameters, load_base, load_tokenizer, prepare_for_training
+from finetune.model import (
+    batch_width_multiple,
+    compile_blocks,
+    count_parameters,
+    load_base,
+    load_tokenizer,
+    prepare_for_training,
+)
 from finetune.sampler import EpochBatches
 from finetune.signals import StopSignals
 
@@ -166,9 +173,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         raise ConfigError([f"the tokenizer of {cfg.model.tokenizer or cfg.model.name_or_path} cannot be used: {e}"]) from e
     with accelerator.main_process_first():
         data = build_datasets(cfg.data, tokenizer, seed=t.seed)
-    # speed.cuda_graphs records one graph per batch width: widths padded to a multiple of 128 tokens
-    # bound the recordings to max_seq_len / 128 (packed rows all have one width).
-    collate = Collator(tokenizer.pad_token_id, pad_to_multiple_of=128 if cfg.speed.cuda_graphs else None)
+    collate = Collator(tokenizer.pad_token_id, pad_to_multiple_of=batch_width_multiple(cfg.speed.compile))
     train_batches = EpochBatches(
         data.train, t.batch_size, collate, seed=t.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -183,7 +188,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     footprint = model.get_memory_footprint()
     model = prepare_for_training(model, cfg)
     if cfg.speed.compile:
-        compile_blocks(model, cfg.speed.cuda_graphs)  # compiled on the first step's shapes; later shapes may recompile
+        compile_blocks(model, cfg.speed.cuda_graphs, cfg.data.max_length)  # compiles at each new batch width
     trainable, total = count_parameters(model)
 
     # 3. Optimizer over the adapter parameters only; the LR schedule counts optimizer steps.

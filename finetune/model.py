@@ -284,7 +284,18 @@ def checkpointing_of(block) -> str:
     return "without checkpointing" if getattr(block, "finetune_without_checkpointing", False) else "none"
 
 
-def compile_blocks(model, cuda_graphs: bool = False) -> int:
+# Batch widths of compiled runs are padded to a multiple of this (finetune.loop's collator, bench.py).
+COMPILED_WIDTH_MULTIPLE = 128
+
+
+def batch_width_multiple(compiled: bool) -> Optional[int]:
+    """What batch widths are padded to a multiple of: compiled blocks (speed.compile) are compiled once
+    per width (compile_blocks), so multiples of 128 tokens bound the compiles to max_length / 128;
+    speed.cuda_graphs records one graph per width as well. Packed rows all have one width."""
+    return COMPILED_WIDTH_MULTIPLE if compiled else None
+
+
+def compile_blocks(model, cuda_graphs: bool = False, max_length: int = 2048) -> int:
     """torch.compile each repeated decoder block in place; returns how many were compiled.
 
     Regional compilation: the blocks share one class, so the first compile is reused by the rest.
@@ -292,6 +303,12 @@ def compile_blocks(model, cuda_graphs: bool = False) -> int:
     and so renames the adapter weights in the state dict that PEFT saves. Checkpointing moves inside
     the compiled blocks (finetune.recompute): checkpointed blocks recompute only what backward needs,
     the others (speed.blocks_without_checkpointing) keep their matmul and attention outputs only.
+
+    Compiled for static shapes, once per batch width (padded to batch_width_multiple): with symbolic
+    widths torch 2.11's partitioner fails on these checkpointed blocks ("Node add_1077 was invalid,
+    but is output", on the H100 for every kind of block and attention, while fixed widths compile).
+    Dynamo's recompile limit (8 graphs per code) is raised to hold every width, for training and
+    evaluation and for both kinds of block, and a short last batch; past it blocks would run eagerly.
     """
     blocks = decoder_blocks(model)
     # Without train.gradient_checkpointing no block is either: those compile as they are.
@@ -301,8 +318,12 @@ def compile_blocks(model, cuda_graphs: bool = False) -> int:
     if without:
         ranks = {int(r) for c in getattr(model, "peft_config", {}).values() for r in [c.r, *c.rank_pattern.values()]}
         checkpoint_inside(without, keep=keep_matmul_outputs(frozenset(ranks)))
+    widths = -(-max_length // COMPILED_WIDTH_MULTIPLE)
+    graphs = 2 * 2 * 2 * widths  # (training, evaluation) x two kinds of block x (full, short last batch)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 2 * graphs)
     for block in blocks:
-        block.compile(mode="reduce-overhead" if cuda_graphs else None)
+        block.compile(mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
     return len(blocks)
 
 

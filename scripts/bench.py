@@ -114,7 +114,8 @@ def make_examples(n: int, seq: int, min_len: int, seed: int = 0) -> list[torch.T
     return [torch.multinomial(probs, int(k), replacement=True, generator=gen) + 3 for k in lengths]
 
 
-def make_batches(examples: list[torch.Tensor], batch: int, seq: int, packing: bool) -> list[dict]:
+def make_batches(examples: list[torch.Tensor], batch: int, seq: int, packing: bool,
+                 pad_to_multiple_of: int | None = None) -> list[dict]:
     """Right-padded batches of `batch` examples, or of `batch` packed rows of at most `seq` tokens,
     through finetune's own collator and packer."""
     import datasets
@@ -125,7 +126,7 @@ def make_batches(examples: list[torch.Tensor], batch: int, seq: int, packing: bo
     rows = datasets.Dataset.from_list([{"input_ids": e.tolist(), "labels": e.tolist()} for e in examples])
     if packing:
         rows = pack(rows, seq)
-    collate = Collator(pad_token_id=0)
+    collate = Collator(pad_token_id=0, pad_to_multiple_of=pad_to_multiple_of)
     return [collate([rows[j] for j in range(i, i + batch)]) for i in range(0, len(rows) - batch + 1, batch)]
 
 
@@ -211,27 +212,50 @@ def _train_hf(model, batches: list[dict], batch: int) -> dict:
     return {"step_seconds": timer.times, "losses": timer.losses, "step_tokens": tokens}
 
 
-def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overrides: list[str],
-                profile: bool = False) -> None:
-    from finetune.loop import build_optimizer
-    from finetune.model import compile_blocks, load_base, prepare_for_training
+def our_config(model_dir: str, overrides: list[str]):
+    """Our side's config: the HF recipe's settings, then the run's overrides."""
     from finetune.run import compose
 
-    cfg = compose([
+    return compose([
         f"model.name_or_path={model_dir}", "quant=nf4", f"lora.r={LORA_R}", f"lora.alpha={LORA_ALPHA}",
         f"lora.dropout={LORA_DROPOUT}", "lora.target_modules=[all-linear]", "train.optimizer=paged_adamw_32bit",
         f"train.lr={LR}", "train.gradient_checkpointing=true", "output_dir=/tmp/unused", *overrides,
     ])
+
+
+def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overrides: list[str],
+                profile: bool = False) -> None:
+    from finetune.loop import build_optimizer
+    from finetune.model import compile_blocks, load_base, prepare_for_training
+
+    cfg = our_config(model_dir, overrides)
     device = torch.device("cuda", 0)
     base = load_base(cfg, model_dir, device)
     torch.manual_seed(0)
     model = prepare_for_training(base, cfg)
     if cfg.speed.compile:
-        compile_blocks(model, cfg.speed.cuda_graphs)
+        compile_blocks(model, cfg.speed.cuda_graphs, max(b["input_ids"].shape[1] for s in batch_sets for b in s))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     model.train()
     train_each(batch_sets, lambda batches: _train_ours(model, cfg, params, optimizer, batches, warmup, profile))
+
+
+def compile_each_width(model, cfg, batches: list[dict]) -> dict:
+    """A forward and backward (no update) on one batch of each width, so that the timed steps of
+    variable-length rows do not include the compile of their width (compiled blocks compile once per
+    width; a training run pays that once, in its first steps)."""
+    from finetune.loss import causal_lm_loss_sum
+
+    start = time.perf_counter()
+    by_width = {b["input_ids"].shape[1]: b for b in batches}
+    for b in by_width.values():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            causal_lm_loss_sum(model, {k: v.cuda() for k, v in b.items()}, cfg.speed.loss_chunk_size,
+                               cfg.speed.compile).backward()
+        model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return {"widths": len(by_width), "compile_s": round(time.perf_counter() - start)}
 
 
 def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int, profile: bool) -> dict:
@@ -247,6 +271,7 @@ def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int,
         profiler = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                  schedule=schedule(wait=0, warmup=warmup, active=2, repeat=1))
         profiler.start()
+    warm = compile_each_width(model, cfg, batches) if cfg.speed.compile else {}
     for b in batches:
         n = count_targets(b)  # on the CPU, as finetune.loop does: counted on the GPU it would sync the step
         b = {k: v.to(device) for k, v in b.items()}
@@ -272,18 +297,24 @@ def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int,
 
     # So a run shows that its blocks ran compiled (past dynamo's recompile limit they run eagerly) and
     # whether Inductor had to skip CUDA graphs for some (speed.cuda_graphs).
-    compiled = {"graphs": counters["stats"]["unique_graphs"], "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    compiled = {"graphs": counters["stats"]["unique_graphs"], "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+                **warm}
     return {"step_seconds": times, "losses": losses, "step_tokens": tokens, "compiled": compiled}
 
 
 def run_worker(args) -> None:
+    from finetune.model import batch_width_multiple
+
     packing = any(o == "data.packing=true" for o in args.override)
     if args.max_seq:
         # one set per length, longest last: a row of fresh full-length examples per step
         batch_sets = [make_batches(make_examples(2 * args.batch, seq, seq), args.batch, seq, False)
                       for seq in args.max_seq]
     else:
-        batch_sets = [make_batches(torch.load(args.rows), args.batch, args.seq, packing)]
+        # our side pads batch widths as finetune.loop does (compiled: multiples of 128)
+        compiled = args.worker == "ours" and our_config(args.model_dir, args.override).speed.compile
+        multiple = batch_width_multiple(compiled)
+        batch_sets = [make_batches(torch.load(args.rows), args.batch, args.seq, packing, multiple)]
     # each set's result goes to stdout as it is done (train_each)
     if args.worker == "hf":
         worker_hf(args.model_dir, batch_sets, args.batch)
