@@ -155,7 +155,10 @@ class SpeedConfig:
     # against 0.78 GiB with what the compiler kept on its own. 0 checkpoints every block.
     blocks_without_checkpointing: int = 0
     # With speed.compile on a GPU: replay each compiled block's kernels as a CUDA graph (torch.compile's
-    # "reduce-overhead" mode), so the GPU no longer waits on the CPU launching them one by one.
+    # "reduce-overhead" mode), so the GPU no longer waits on the CPU launching them one by one. Every
+    # batch is then padded to data.max_length (each new width would record new graphs): free for rows
+    # of that length (packed, or text cut to it), the padding's compute for shorter ones. Needs
+    # train.grad_accum=1.
     cuda_graphs: bool = False
 
 
@@ -318,6 +321,12 @@ def check_config(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> 
                  "train.gradient_checkpointing=false (no block is checkpointed); set it to 0 or turn checkpointing on")
     if cfg.speed.cuda_graphs and not cfg.speed.compile:
         p.append("speed.cuda_graphs=true replays compiled blocks; set speed.compile=true as well")
+    if cfg.speed.cuda_graphs and t.grad_accum > 1:
+        # The replayed backward hands the adapters' gradients out of the graph's own memory, which the next
+        # micro-batch's replay overwrites: accumulation then gives wrong gradients (pytorch/pytorch#169545).
+        p.append(f"speed.cuda_graphs=true cannot accumulate gradients (train.grad_accum={t.grad_accum}): the next "
+                 "micro-batch's graph replay overwrites them; set train.grad_accum=1 (and a larger "
+                 "train.batch_size) or speed.cuda_graphs=false")
     if cfg.speed.loss_chunk_size < 0:
         p.append(f"speed.loss_chunk_size must be >= 0, 0 turns the chunked loss off (got {cfg.speed.loss_chunk_size})")
     if d.max_length < 8:

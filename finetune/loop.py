@@ -173,7 +173,9 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         raise ConfigError([f"the tokenizer of {cfg.model.tokenizer or cfg.model.name_or_path} cannot be used: {e}"]) from e
     with accelerator.main_process_first():
         data = build_datasets(cfg.data, tokenizer, seed=t.seed)
-    collate = Collator(tokenizer.pad_token_id, pad_to_multiple_of=batch_width_multiple(cfg.speed.compile))
+    width_multiple = batch_width_multiple(cfg.speed.compile, cfg.data.packing or cfg.speed.cuda_graphs,
+                                          cfg.data.max_length)
+    collate = Collator(tokenizer.pad_token_id, pad_to_multiple_of=width_multiple, max_width=cfg.data.max_length)
     train_batches = EpochBatches(
         data.train, t.batch_size, collate, seed=t.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes,

@@ -288,11 +288,16 @@ def checkpointing_of(block) -> str:
 COMPILED_WIDTH_MULTIPLE = 128
 
 
-def batch_width_multiple(compiled: bool) -> Optional[int]:
-    """What batch widths are padded to a multiple of: compiled blocks (speed.compile) are compiled once
-    per width (compile_blocks), so multiples of 128 tokens bound the compiles to max_length / 128;
-    speed.cuda_graphs records one graph per width as well. Packed rows all have one width."""
-    return COMPILED_WIDTH_MULTIPLE if compiled else None
+def batch_width_multiple(compiled: bool, one_width: bool, max_length: int) -> Optional[int]:
+    """What batch widths are padded to a multiple of. Compiled blocks (speed.compile) compile once per
+    width (compile_blocks): multiples of 128 tokens bound the compiles to max_length / 128. With
+    `one_width` (packed rows, or speed.cuda_graphs) every batch is padded to max_length: packed rows
+    are nearly full anyway and compile once (four widths of packed llama3-8b rows cost 150 s of
+    compiling on the H100), and CUDA graphs record one graph (with four widths they kept recording:
+    481 tokens/s against 9,624 without them)."""
+    if not compiled:
+        return None
+    return max_length if one_width else COMPILED_WIDTH_MULTIPLE
 
 
 def compile_blocks(model, cuda_graphs: bool = False, max_length: int = 2048) -> int:
@@ -308,7 +313,8 @@ def compile_blocks(model, cuda_graphs: bool = False, max_length: int = 2048) -> 
     widths torch 2.11's partitioner fails on these checkpointed blocks ("Node add_1077 was invalid,
     but is output", on the H100 for every kind of block and attention, while fixed widths compile).
     Dynamo's recompile limit (8 graphs per code) is raised to hold every width, for training and
-    evaluation and for both kinds of block, and a short last batch; past it blocks would run eagerly.
+    evaluation, both kinds of block, a short last batch, and batches with and without padding (SDPA
+    gets no mask without padding); past it blocks would run eagerly.
     """
     blocks = decoder_blocks(model)
     # Without train.gradient_checkpointing no block is either: those compile as they are.
@@ -319,7 +325,7 @@ def compile_blocks(model, cuda_graphs: bool = False, max_length: int = 2048) -> 
         ranks = {int(r) for c in getattr(model, "peft_config", {}).values() for r in [c.r, *c.rank_pattern.values()]}
         checkpoint_inside(without, keep=keep_matmul_outputs(frozenset(ranks)))
     widths = -(-max_length // COMPILED_WIDTH_MULTIPLE)
-    graphs = 2 * 2 * 2 * widths  # (training, evaluation) x two kinds of block x (full, short last batch)
+    graphs = 2 * 2 * 2 * 2 * widths  # (training, evaluation) x kinds of block x (full, short batch) x (mask, none)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 2 * graphs)
     for block in blocks:

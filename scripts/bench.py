@@ -244,12 +244,13 @@ def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overr
 def compile_each_width(model, cfg, batches: list[dict]) -> dict:
     """A forward and backward (no update) on one batch of each width, so that the timed steps of
     variable-length rows do not include the compile of their width (compiled blocks compile once per
-    width; a training run pays that once, in its first steps)."""
+    width; a training run pays that when a width first appears). Twice with CUDA graphs: the first
+    call runs the graph once uncaptured, the second records it."""
     from finetune.loss import causal_lm_loss_sum
 
     start = time.perf_counter()
     by_width = {b["input_ids"].shape[1]: b for b in batches}
-    for b in by_width.values():
+    for b in [b for b in by_width.values() for _ in range(2 if cfg.speed.cuda_graphs else 1)]:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             causal_lm_loss_sum(model, {k: v.cuda() for k, v in b.items()}, cfg.speed.loss_chunk_size,
                                cfg.speed.compile).backward()
@@ -263,6 +264,7 @@ def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int,
 
     device = torch.device("cuda", 0)
     times, losses, tokens = [], [], []
+    warm = compile_each_width(model, cfg, batches) if cfg.speed.compile else {}
     profiler = None
     if profile:
         from torch.profiler import ProfilerActivity, schedule
@@ -271,7 +273,6 @@ def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int,
         profiler = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                  schedule=schedule(wait=0, warmup=warmup, active=2, repeat=1))
         profiler.start()
-    warm = compile_each_width(model, cfg, batches) if cfg.speed.compile else {}
     for b in batches:
         n = count_targets(b)  # on the CPU, as finetune.loop does: counted on the GPU it would sync the step
         b = {k: v.to(device) for k, v in b.items()}
@@ -311,9 +312,11 @@ def run_worker(args) -> None:
         batch_sets = [make_batches(make_examples(2 * args.batch, seq, seq), args.batch, seq, False)
                       for seq in args.max_seq]
     else:
-        # our side pads batch widths as finetune.loop does (compiled: multiples of 128)
-        compiled = args.worker == "ours" and our_config(args.model_dir, args.override).speed.compile
-        multiple = batch_width_multiple(compiled)
+        # our side pads batch widths as finetune.loop does (compiled: multiples of 128; packed rows or
+        # CUDA graphs: --seq)
+        speed = our_config(args.model_dir, args.override).speed if args.worker == "ours" else None
+        multiple = batch_width_multiple(speed is not None and speed.compile,
+                                        packing or (speed is not None and speed.cuda_graphs), args.seq)
         batch_sets = [make_batches(torch.load(args.rows), args.batch, args.seq, packing, multiple)]
     # each set's result goes to stdout as it is done (train_each)
     if args.worker == "hf":

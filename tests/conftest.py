@@ -150,9 +150,13 @@ def fresh_accelerate_state():
 @pytest.fixture
 def fresh_compile_cache():
     """Forget earlier tests' compiles: they count towards dynamo's recompile limit for the same block
-    code, past which blocks would run eagerly and a compiled-path test would test eager code."""
+    code, past which blocks would run eagerly and a compiled-path test would test eager code. The
+    limits compile_blocks raises are put back afterwards, so a later test meets the default ones."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    limits = {k: getattr(torch._dynamo.config, k) for k in ("recompile_limit", "accumulated_recompile_limit")}
+    with torch._dynamo.config.patch(limits):
+        yield
 
 
 def lora_model(model_dir: Path, *overrides: str):

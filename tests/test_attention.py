@@ -135,9 +135,12 @@ def test_blocks_without_checkpointing_needs_checkpointing():
     assert any("blocks_without_checkpointing=2 has no effect" in p for p in problems)
 
 
-def test_cuda_graphs_need_compiled_blocks():
+def test_cuda_graphs_need_compiled_blocks_and_no_accumulation():
     cfg = compose(["output_dir=/tmp/unused", "speed.cuda_graphs=true"])
     problems = check_config(cfg, cuda_available=False, bf16_supported=False)
     assert any("speed.cuda_graphs=true replays compiled blocks; set speed.compile=true" in p for p in problems)
-    cfg = compose(["output_dir=/tmp/unused", "speed=fast", "speed.cuda_graphs=true"])
+    cfg = compose(["output_dir=/tmp/unused", "speed=fast", "speed.cuda_graphs=true", "train.grad_accum=2"])
+    problems = check_config(cfg, cuda_available=False, bf16_supported=False)
+    assert any("speed.cuda_graphs=true cannot accumulate gradients (train.grad_accum=2)" in p for p in problems)
+    cfg = compose(["output_dir=/tmp/unused", "speed=fast", "speed.cuda_graphs=true", "train.grad_accum=1"])
     assert not check_config(cfg, cuda_available=False, bf16_supported=False)

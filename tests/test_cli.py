@@ -134,16 +134,19 @@ def test_bloom_recipe_builds_random_weights_from_its_architecture(tmp_path, cach
     assert leaves == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
 
 
-def test_compiled_run_with_cuda_graphs_trains_as_the_eager_run(tiny_llama, instruction_file, cache_dir, tmp_path):
-    """speed=fast with CUDA graphs (none on the CPU: blocks run compiled), batches padded to 128 tokens,
-    the compiled chunked loss and a block without checkpointing: the real loop gives the eager run's
-    losses and evaluations."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_compiled_run_trains_as_the_eager_run(packing, tiny_llama, instruction_file, cache_dir, tmp_path):
+    """speed=fast with CUDA graphs (none on the CPU: blocks run compiled; batches padded to
+    data.max_length), the compiled chunked loss and a block without checkpointing, on padded and on
+    packed rows: the real loop gives the eager run's losses and evaluations."""
     runs = {}
-    for name, extra in [("eager", []), ("compiled", ["speed=fast", "speed.cuda_graphs=true",
-                                                     "speed.blocks_without_checkpointing=1"])]:
+    compiled = ["speed=fast", "speed.cuda_graphs=true", "speed.blocks_without_checkpointing=1"]
+    for name, extra in [("eager", []), ("compiled", compiled)]:
         out = tmp_path / name
         result = run_cli(tiny_run_args(tiny_llama, instruction_file, out, "lora.dropout=0.0", "train.eval_every=2",
-                                       "speed.fp32_frozen=false", "train.max_steps=4", *extra), cache_dir)
+                                       "speed.fp32_frozen=false", "train.max_steps=4", f"data.packing={packing}",
+                                       "train.grad_accum=1",  # CUDA graphs cannot accumulate
+                                       *extra), cache_dir)
         assert result.returncode == 0, result.stderr[-4000:]
         runs[name] = json.loads((out / "summary.json").read_text())
     eager, compiled = runs["eager"], runs["compiled"]

@@ -415,6 +415,20 @@ def test_collator_pad_to_multiple_of():
     assert (batch["labels"][0, 9:] == IGNORE_INDEX).all()
 
 
+def test_compiled_runs_pad_widths_to_a_few_values_never_past_max_length():
+    from finetune.model import batch_width_multiple
+
+    assert batch_width_multiple(False, True, 1000) is None  # uncompiled: the batch's own width
+    rows = [{"input_ids": [1] * 300, "labels": [1] * 300}]
+    by_128 = Collator(0, pad_to_multiple_of=batch_width_multiple(True, False, 1000), max_width=1000)
+    assert by_128(rows)["input_ids"].shape[1] == 384
+    # rounding up to a multiple of 128 would give 1024 > data.max_length
+    assert by_128([{"input_ids": [1] * 990, "labels": [1] * 990}])["input_ids"].shape[1] == 1000
+    # packed rows and CUDA graphs: one width, data.max_length
+    one_width = Collator(0, pad_to_multiple_of=batch_width_multiple(True, True, 1000), max_width=1000)
+    assert one_width(rows)["input_ids"].shape[1] == 1000
+
+
 # ----------------------------------------------------------------------------------- render_prompt
 
 
