@@ -19,7 +19,7 @@ from finetune.run import RECIPES
 
 @hydra.main(version_base=None, config_path=RECIPES, config_name="config")
 def _hydra_entry(dict_cfg: DictConfig) -> None:
-    from finetune.checkpoint import CheckpointError
+    from finetune.atomic import CheckpointError
     from finetune.data import DataError
     from finetune.loop import TrainingError
     from finetune.run import run

@@ -21,12 +21,12 @@ import torch
 from jinja2.exceptions import TemplateError
 
 from finetune.config import DataConfig
+from finetune.loss import IGNORE_INDEX
 from finetune.packing import fill_ratio, pack
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 EMBEDDED_DIR = Path(__file__).parent / "datasets"
 EMBEDDED_PREFIX = "embedded:"

@@ -104,8 +104,9 @@ def quantized_meta_model(cfg: Config, source: str, mode: str):
     """A meta-device copy with the layers a real load in `mode` would have (no weights, no memory)."""
     from transformers.quantizers import AutoHfQuantizer
 
-    from finetune.model import kept_unquantized_by_default, meta_model
+    from finetune.model import kept_unquantized_by_default
     from finetune.quant import build_bnb_config, torch_dtype
+    from finetune.source import meta_model
 
     q = dataclasses.replace(cfg.quant, mode=mode)
     dtype = torch_dtype(q.compute_dtype)
@@ -192,9 +193,10 @@ def lora_parameter_count(cfg: Config, source: str) -> int:
     """Trainable parameters of the recipe's LoRA, counted by PEFT on a meta-device copy."""
     from peft import get_peft_model
 
-    from finetune.model import lora_config, meta_model
+    from finetune.model import lora_config
+    from finetune.source import meta_model
 
-    trainable, _ = get_peft_model(meta_model(source, cfg.model), lora_config(cfg)).get_nb_trainable_parameters()
+    trainable, _ = get_peft_model(meta_model(source, cfg.model), lora_config(cfg.lora)).get_nb_trainable_parameters()
     return int(trainable)
 
 
@@ -205,7 +207,7 @@ def _text_config(model):
 
 def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footprint] = None) -> PeakEstimate:
     """The recipe's training peak, part by part (see the module docstring for each formula)."""
-    from finetune.model import meta_model
+    from finetune.source import meta_model
 
     q, t, lo = cfg.quant, cfg.train, cfg.lora
     speed = getattr(cfg, "speed", None)
@@ -295,9 +297,9 @@ def _parse_args(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from finetune.config import default_cache_dir
-    from finetune.model import load_base, module_names, resolve_model_source
+    from finetune.model import load_base
     from finetune.run import compose
+    from finetune.source import default_cache_dir, module_names, resolve_model_source
 
     overrides, measure = _parse_args(sys.argv[1:] if argv is None else argv)
     problems = unknown_override_keys(overrides)
@@ -320,7 +322,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if measure:
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         for mode in MODES:
-            model = load_base(dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, mode=mode)), source, device)
+            model = load_base(cfg.model, dataclasses.replace(cfg.quant, mode=mode), source, device)
             measured[mode] = measure_footprint(model)
             del model
     none = rows[-1]

@@ -1,8 +1,9 @@
-"""The training loop: one function, read top to bottom.
+"""The training loop, read top to bottom: setup, `train_step`, the loop, finish.
 
 Built on `accelerate.Accelerator` for device placement, mixed precision and multi-GPU, with the
 gradient accumulation written out by hand so that the loss of a step is the mean over every target
-token of the step (all micro-batches, all processes), not a mean of per-batch means.
+token of the step (all micro-batches, all processes), not a mean of per-batch means. `train_step`
+is the whole of one optimizer step; scripts/bench.py times this same function.
 """
 
 from __future__ import annotations
@@ -23,31 +24,19 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from finetune import report
-from finetune.checkpoint import (
-    TrainState,
-    adapter_manifest,
-    check_resumable,
-    disk_errors,
-    load_checkpoint,
-    restore_rng,
-    save_adapter,
-    save_checkpoint,
-    write_json_atomic,
-)
-from finetune.config import Config, ConfigError, SpeedConfig
-from finetune.data import Collator, build_datasets, encode_prompt
+from finetune.adapter import adapter_manifest, save_adapter
+from finetune.atomic import disk_errors, write_json_atomic
+from finetune.checkpoint import TrainState, check_resumable, load_checkpoint, restore_rng, save_checkpoint
+from finetune.config import Config, ConfigError, SpeedConfig, TrainConfig
+from finetune.data import Collator, PreparedData, build_datasets
 from finetune.fingerprint import run_fingerprint
+from finetune.generate import generate_samples
 from finetune.loss import causal_lm_loss_sum, count_targets
-from finetune.model import (
-    batch_width_multiple,
-    compile_blocks,
-    count_parameters,
-    load_base,
-    load_tokenizer,
-    prepare_for_training,
-)
+from finetune.model import build_model, count_parameters
 from finetune.sampler import EpochBatches
 from finetune.signals import StopSignals
+from finetune.source import load_tokenizer
+from finetune.speed import batch_width_multiple
 
 
 @dataclass
@@ -61,19 +50,29 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss stayed non-finite); the message says why."""
 
 
+@dataclass
+class StepOutcome:
+    """What one optimizer step did."""
+
+    loss: float  # mean loss per target token over the whole step (every micro-batch and process)
+    grad_norm: float
+    finite: bool  # False: the loss or gradient was NaN/inf and the update was skipped
+    scaler_overflow: bool  # an fp16 grad scaler's overflow (finite loss, inf gradients): its normal search
+    tokens: int  # tokens in the step's batches (attention mask), over every process
+
+
 def mixed_precision(cfg: Config) -> str:
     if cfg.train.mixed_precision != "auto":
         return cfg.train.mixed_precision
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[cfg.quant.compute_dtype]
 
 
-def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.train
+def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "adamw":
         params = list(params)
-        # PyTorch's fused AdamW: the same update in one kernel launch for all adapter tensors (an
-        # 8B model with all-linear LoRA has ~450 of them). It wants them all on one CUDA or CPU
-        # device; adapters split between the GPU and CPU offload take the multi-tensor path.
+        # PyTorch's fused AdamW: one kernel launch for all adapter tensors (an 8B model with
+        # all-linear LoRA has ~450). It wants them on one CUDA or CPU device; adapters split between
+        # the GPU and CPU offload take the multi-tensor path.
         fused = len({p.device for p in params}) == 1 and params[0].device.type in ("cuda", "cpu")
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
     import bitsandbytes as bnb
@@ -86,12 +85,51 @@ def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def sustained_tokens_per_s(state: TrainState, after_first_step: Optional[tuple[int, float]]) -> Optional[float]:
-    """Tokens/s over this launch's steps after its first one; None until there is such a step."""
-    if after_first_step is None:
-        return None
-    seconds = state.train_seconds - after_first_step[1]
-    return (state.tokens_seen - after_first_step[0]) / seconds if seconds > 0 else None
+def build_scheduler(optimizer, t: TrainConfig):
+    """The LR schedule, counted in optimizer steps."""
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accelerator: Accelerator, params: list,
+               speed: SpeedConfig, max_grad_norm: float) -> StepOutcome:
+    """One optimizer step over `micro_batches` (train.grad_accum of them); a non-finite step changes nothing."""
+    device = accelerator.device
+    if speed.cuda_graphs:
+        # A new step starts: the compiled blocks' CUDA graphs may replay. Without this, cudagraph trees
+        # guess step boundaries and, with micro-batches and checkpointed blocks, stay in warm-up for
+        # many steps ("pending, uninvoked backwards").
+        torch.compiler.cudagraph_mark_step_begin()
+    # Every process must divide by the same global count of target tokens (counted on the CPU: on the
+    # GPU it would sync the step).
+    local_targets = sum(count_targets(b) for b in micro_batches)
+    global_targets = int(accelerator.reduce(torch.tensor(local_targets, device=device), reduction="sum"))
+    loss_sum_all = torch.zeros((), device=device, dtype=torch.float64)
+    tokens = 0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # Gradients are synchronized across processes only on the last micro-batch.
+        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                loss_sum = causal_lm_loss_sum(model, batch, speed.loss_chunk_size, speed.compile)
+            # DDP averages gradients over processes; scaling by the process count makes the step's
+            # gradient the mean over all target tokens of the global batch.
+            accelerator.backward(loss_sum * accelerator.num_processes / max(global_targets, 1))
+        loss_sum_all += loss_sum.detach().double()
+        tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+
+    grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
+    loss = float(accelerator.reduce(loss_sum_all, reduction="sum")) / max(global_targets, 1)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    scaler = accelerator.scaler
+    if finite or scaler is not None:
+        # With an fp16 grad scaler this runs on non-finite steps too: the scaler then skips the update
+        # itself and lowers its scale (it must see every step, or it never recovers).
+        optimizer.step()
+    if finite:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
+    return StepOutcome(loss, grad_norm, finite, scaler is not None and math.isfinite(loss) and not finite, tokens)
 
 
 @torch.no_grad()
@@ -100,6 +138,8 @@ def evaluate(model, batches, accelerator: Accelerator, speed: SpeedConfig) -> fl
     model.eval()
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for batch in batches:
+        if speed.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             totals[0] += causal_lm_loss_sum(model, batch, speed.loss_chunk_size, speed.compile).double()
@@ -109,32 +149,15 @@ def evaluate(model, batches, accelerator: Accelerator, speed: SpeedConfig) -> fl
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
-@torch.no_grad()
-def generate(model, tokenizer, cfg: Config, prompt: str, fmt: str, max_new_tokens: int, **sampling) -> str:
-    """A completion of `prompt`, rendered and tokenized exactly as training prompts are."""
-    ids = torch.tensor([encode_prompt(cfg.data, tokenizer, prompt, fmt)], device=next(model.parameters()).device)
-    out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-        use_cache=True, pad_token_id=tokenizer.pad_token_id, **sampling,
-    )
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-@torch.no_grad()
-def generate_samples(model, tokenizer, cfg: Config, fmt: str) -> list[tuple[str, str]]:
-    """Greedy completions of `sample.prompts`, to show what the adapter changed."""
-    was_training = model.training
-    model.eval()
-    # Eagerly, also with speed.compile: each decoding step with a KV cache would be another compile
-    # of the blocks, and past dynamo's recompile limit the training steps would run uncompiled.
-    with torch.compiler.set_stance("force_eager"):
-        samples = [
-            (prompt, generate(model, tokenizer, cfg, prompt, fmt, cfg.sample.max_new_tokens, do_sample=False))
-            for prompt in cfg.sample.prompts
-        ]
-    if was_training:
-        model.train()
-    return samples
+def eval_batches(data: PreparedData, t: TrainConfig, collate: Collator, accelerator: Accelerator) -> list[dict]:
+    """This process's share of the eval split (train.eval_batches of them at most), in order."""
+    if data.eval is None:
+        return []
+    batches = EpochBatches(
+        data.eval, t.batch_size, collate, seed=t.seed, shuffle=False, drop_last=False,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    ).one_epoch()
+    return batches if t.eval_batches is None else batches[: t.eval_batches]
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:
@@ -157,11 +180,8 @@ def train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path] =
 
 def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path], stop: StopSignals) -> RunResult:
     t = cfg.train
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision(cfg),
-        log_with="wandb" if cfg.log.wandb else None,
-        project_dir=str(run_dir),
-    )
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with="wandb" if cfg.log.wandb else None,
+                              project_dir=str(run_dir))
     set_seed(t.seed)  # python, numpy, torch and CUDA generators, on every process
     device, is_main = accelerator.device, accelerator.is_main_process
     started = time.perf_counter()
@@ -176,72 +196,51 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     width_multiple = batch_width_multiple(cfg.speed.compile, cfg.data.packing or cfg.speed.cuda_graphs,
                                           cfg.data.max_length)
     collate = Collator(tokenizer.pad_token_id, pad_to_multiple_of=width_multiple, max_width=cfg.data.max_length)
-    train_batches = EpochBatches(
-        data.train, t.batch_size, collate, seed=t.seed,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-    )
+    train_batches = EpochBatches(data.train, t.batch_size, collate, seed=t.seed,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
     # What the trained state depends on (base, quant, LoRA, tokenizer, data), recorded in every
     # checkpoint and adapter; a checkpoint of anything else is refused here, before the model loads.
     fingerprint = run_fingerprint(cfg, source, tokenizer, data.train, data.eval)
     changed = check_resumable(resume_from, fingerprint, cfg, accelerator.num_processes) if resume_from else []
 
-    # 2. The frozen quantized base, prepared for k-bit training, with LoRA adapters on top.
-    model = load_base(cfg, source, device)
-    footprint = model.get_memory_footprint()
-    model = prepare_for_training(model, cfg)
-    if cfg.speed.compile:
-        compile_blocks(model, cfg.speed.cuda_graphs, cfg.data.max_length)  # compiles at each new batch width
+    # 2. The frozen quantized base with LoRA adapters (and the speed settings) on top.
+    model, footprint = build_model(cfg, source, device)
     trainable, total = count_parameters(model)
 
-    # 3. Optimizer over the adapter parameters only; the LR schedule counts optimizer steps.
+    # 3. Optimizer over the adapter parameters only. The scheduler stays unprepared: accelerate's
+    # wrapper would step it once per process.
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
-    scheduler = get_scheduler(
-        t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
-    )
-    # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
+    optimizer = build_optimizer(params, t)
+    scheduler = build_scheduler(optimizer, t)
     model, optimizer = accelerator.prepare(model, optimizer)
     # Resuming: adapter weights, optimizer, scheduler, scaler, data position and counters as saved.
-    checkpoint_parts = dict(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                            sampler=train_batches)
-    state = load_checkpoint(resume_from, **checkpoint_parts) if resume_from else TrainState()
+    parts = dict(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, sampler=train_batches)
+    state = load_checkpoint(resume_from, **parts) if resume_from else TrainState()
 
     if cfg.log.wandb:
         accelerator.init_trackers(
-            cfg.log.wandb_project,
-            config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            cfg.log.wandb_project, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
             init_kwargs={"wandb": {"mode": cfg.log.wandb_mode, "dir": str(run_dir), "entity": cfg.log.wandb_entity}},
         )
     if is_main:
-        report.print_start(
-            cfg, source=source, footprint=footprint, trainable=trainable, total=total,
-            data=data, world_size=accelerator.num_processes, device=device,
-            mixed_precision=accelerator.mixed_precision, run_dir=run_dir,
-        )
+        report.print_start(cfg, source=source, footprint=footprint, trainable=trainable, total=total, data=data,
+                           world_size=accelerator.num_processes, device=device,
+                           mixed_precision=accelerator.mixed_precision, run_dir=run_dir)
         if resume_from:
             print(f"resuming     from {resume_from} (step {state.step} of {t.max_steps})"
                   + "".join(f"\n             changed since: {line}" for line in changed), flush=True)
-
-    def eval_batches():
-        if data.eval is None:
-            return []
-        batches = EpochBatches(
-            data.eval, t.batch_size, collate, seed=t.seed, shuffle=False, drop_last=False,
-            rank=accelerator.process_index, world_size=accelerator.num_processes,
-        ).one_epoch()
-        return batches if t.eval_batches is None else batches[: t.eval_batches]
-
     if not resume_from:  # a resumed run has these from its checkpoint
         if data.eval is not None:
-            state.evals.append([0, evaluate(model, eval_batches(), accelerator, cfg.speed)])
+            state.evals.append([0, evaluate(model, eval_batches(data, t, collate, accelerator), accelerator, cfg.speed)])
         if is_main:
             # Under autocast as in training: the adapters expect the autocast dtype (model.prepare_for_training).
             with accelerator.autocast():
-                state.samples_before = generate_samples(accelerator.unwrap_model(model), tokenizer, cfg, data.format)
+                state.samples_before = generate_samples(accelerator.unwrap_model(model), tokenizer, cfg.data,
+                                                        cfg.sample, data.format)
 
     def save(step: int) -> Path:
         manifest = adapter_manifest(cfg, source=source, step=step, fingerprint=fingerprint)
-        return save_checkpoint(run_dir, state, manifest=manifest, keep_last=t.keep_last, **checkpoint_parts)
+        return save_checkpoint(run_dir, state, manifest=manifest, keep_last=t.keep_last, **parts)
 
     # 4. The loop. A step is one optimizer update over grad_accum micro-batches.
     model.train()
@@ -253,70 +252,40 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         restore_rng(resume_from, accelerator.process_index)
     progress = tqdm(range(first_step, t.max_steps + 1), initial=first_step - 1, total=t.max_steps,
                     desc="training", disable=not is_main, dynamic_ncols=True)
-    after_first_step = None  # (tokens, seconds) when this launch's first step was done
+    launch = report.Throughput()  # this launch's step times, for the steady-state rate
     for step in progress:
         step_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(t.grad_accum)]
-        # Every process must divide by the same global count of target tokens.
-        local_targets = sum(count_targets(b) for b in micro_batches)
-        global_targets = int(accelerator.reduce(torch.tensor(local_targets, device=device), reduction="sum"))
-        step_loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            last = i == len(micro_batches) - 1
-            # Gradients are synchronized across processes only on the last micro-batch.
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-            with sync:
-                with accelerator.autocast():
-                    loss_sum = causal_lm_loss_sum(model, batch, cfg.speed.loss_chunk_size, cfg.speed.compile)
-                # DDP averages gradients over processes; scaling by the process count makes the
-                # step's gradient the mean over all target tokens of the global batch.
-                accelerator.backward(loss_sum * accelerator.num_processes / max(global_targets, 1))
-            step_loss_sum += loss_sum.detach().double()
-            state.tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
+        outcome = train_step(model, optimizer, scheduler, micro_batches, accelerator=accelerator, params=params,
+                             speed=cfg.speed, max_grad_norm=t.max_grad_norm)
+        seconds = time.perf_counter() - step_start
+        state.step, state.tokens_seen, state.train_seconds = step, state.tokens_seen + outcome.tokens, state.train_seconds + seconds
+        launch.add(outcome.tokens, seconds)
 
-        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        loss = float(accelerator.reduce(step_loss_sum, reduction="sum")) / max(global_targets, 1)
-        finite = math.isfinite(loss) and math.isfinite(float(grad_norm))
-        scaler_overflow = accelerator.scaler is not None and math.isfinite(loss) and not finite
-        if finite or accelerator.scaler is not None:
-            # With an fp16 grad scaler this runs on non-finite steps too: the scaler then skips the
-            # update itself and lowers its scale (it must see every step, or it never recovers).
-            optimizer.step()
-        if finite:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
-        state.step = step
-        state.train_seconds += time.perf_counter() - step_start
-        if step == first_step:
-            # A launch's first step compiles the blocks (speed.compile) and warms the allocator and
-            # kernels' caches; the rate after it is the one the run sustains.
-            after_first_step = (state.tokens_seen, state.train_seconds)
-
-        if finite:
+        # A non-finite step would poison the adapter: it was skipped, and is counted here. An fp16
+        # scaler's overflow is its normal way to find a scale (each one halves it): counted, but it
+        # never ends the run.
+        if outcome.finite:
             state.bad_steps_in_row = 0
-            state.losses.append([step, loss])
+            state.losses.append([step, outcome.loss])
         else:
-            # A non-finite step would poison the adapter: it is skipped and counted. An fp16 scaler's
-            # overflow (finite loss, inf gradients) is its normal way to find a scale; it is counted
-            # but does not end the run, since each one halves the scale.
             state.skipped_steps += 1
-            state.bad_steps_in_row += 0 if scaler_overflow else 1
-            progress.write(f"step {step}: non-finite loss {loss} / grad norm {float(grad_norm)}; step skipped")
+            state.bad_steps_in_row += 0 if outcome.scaler_overflow else 1
+            progress.write(f"step {step}: non-finite loss {outcome.loss} / grad norm {outcome.grad_norm}; step skipped")
             if state.bad_steps_in_row >= t.max_nonfinite_steps:
                 raise TrainingError(
                     f"{state.bad_steps_in_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
                     "lower train.lr, check the data, or use quant.compute_dtype=bfloat16. "
                     "No adapter was saved from these steps."
                 )
-        if finite and (step % t.log_every == 0 or step == t.max_steps):
+        if outcome.finite and (step % t.log_every == 0 or step == t.max_steps):
             lr = scheduler.get_last_lr()[0]
-            tok_s = sustained_tokens_per_s(state, after_first_step) or state.tokens_seen / state.train_seconds
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+            tok_s = launch.steady_tokens_per_s() or launch.tokens_per_s()
+            progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            accelerator.log({"train/loss": outcome.loss, "train/lr": lr, "train/grad_norm": outcome.grad_norm,
                              "train/tokens_per_s": tok_s}, step=step)
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and data.eval is not None:
-            eval_loss = evaluate(model, eval_batches(), accelerator, cfg.speed)
+            eval_loss = evaluate(model, eval_batches(data, t, collate, accelerator), accelerator, cfg.speed)
             state.evals.append([step, eval_loss])
             accelerator.log({"eval/loss": eval_loss}, step=step)
             progress.write(f"step {step}: eval loss {eval_loss:.4f}")
@@ -339,13 +308,14 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             accelerator.end_training()
             if signum:
                 raise SystemExit(128 + signum)  # as a shell reports a process ended by that signal
-            return RunResult({"stopped_at_step": step, "checkpoint": str(saved)},
-                             accelerator.unwrap_model(model), tokenizer)
+            return RunResult({"stopped_at_step": step, "checkpoint": str(saved)}, accelerator.unwrap_model(model),
+                             tokenizer)
     progress.close()
 
     # 5. Final eval, adapter, samples and the end-of-run summary.
     if data.eval is not None:
-        state.evals.append([t.max_steps, evaluate(model, eval_batches(), accelerator, cfg.speed)])
+        state.evals.append([t.max_steps, evaluate(model, eval_batches(data, t, collate, accelerator), accelerator,
+                                                  cfg.speed)])
         accelerator.log({"eval/loss": state.evals[-1][1]}, step=t.max_steps)
     accelerator.wait_for_everyone()
     summary: dict = {}
@@ -356,7 +326,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
                                    adapter_manifest(cfg, source=source, step=t.max_steps, fingerprint=fingerprint))
         peak, peak_kind = peak_memory_gib(device)
         with accelerator.autocast():
-            samples_after = generate_samples(unwrapped, tokenizer, cfg, data.format)
+            samples_after = generate_samples(unwrapped, tokenizer, cfg.data, cfg.sample, data.format)
         summary = {
             "steps": t.max_steps,
             "skipped_nonfinite_steps": state.skipped_steps,
@@ -368,7 +338,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             "tokens": state.tokens_seen,
             "train_seconds": state.train_seconds,
             "tokens_per_s": state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
-            "tokens_per_s_after_first_step": sustained_tokens_per_s(state, after_first_step),
+            **launch.summary(),
             "peak_memory_gib": peak,
             "peak_memory_kind": peak_kind,
             "memory_footprint_bytes": footprint,

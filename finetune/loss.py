@@ -14,8 +14,6 @@ the CPU as well (Liger is Triton-only) and a frozen head needs none of the weigh
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -152,14 +150,3 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
-
-def per_example_loss_sums(model, batch: dict[str, torch.Tensor], chunk_size: int = 0,
-                          example_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Loss sum per example (rows, or packed examples given `example_ids` per token): for tests."""
-    logits = model(**model_inputs(batch)).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    if example_ids is None:
-        return nll.sum(dim=1)
-    ids = example_ids[:, 1:]
-    return torch.zeros(int(ids.max()) + 1, dtype=nll.dtype).index_add_(0, ids.reshape(-1), nll.reshape(-1))

@@ -1,86 +1,43 @@
-"""Load the frozen, quantized base; prepare it for k-bit training; attach or load LoRA adapters."""
+"""The frozen quantized base and its LoRA adapters: load, prepare for k-bit training, attach.
+
+Three steps kept apart (the original qlora.py did them in one function): `load_base` quantizes on
+load as `quant.*` says; `prepare_for_training` upcasts what peft's k-bit recipe upcasts, turns on
+gradient checkpointing and attaches the adapters; `build_model` composes them with the optional
+speed settings (finetune.speed) for the training loop and the benchmark alike.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM
 
-from finetune.alibi import FUSED_ALIBI_IMPLEMENTATIONS, fused_alibi_problems, use_fused_alibi_attention
-from finetune.config import Config, ConfigError, ModelConfig, QuantConfig, default_cache_dir
-from finetune.embedded import ensure_embedded_model, is_embedded
+from finetune.config import Config, ConfigError, LoraSettings, ModelConfig, QuantConfig
 from finetune.quant import (
     build_bnb_config,
-    quant_from_saved,
     quiet_repeated_int8_cast_warning,
     saved_quantization,
     torch_dtype,
 )
-from finetune.recompute import checkpoint_inside, keep_matmul_outputs
+from finetune.source import base_config, meta_model
+from finetune.speed import apply_speed
+from finetune.speed.alibi import FUSED_ALIBI_IMPLEMENTATIONS, fused_alibi_problems, use_fused_alibi_attention
 
 
-def resolve_model_source(m: ModelConfig, cache_dir: Path, seed: int = 0) -> str:
-    """The folder or hub id that weights are loaded from.
+def build_model(cfg: Config, source: str, device: torch.device) -> tuple[Any, int]:
+    """The trainable model of a run: the quantized base, prepared, with LoRA and the speed settings.
 
-    Embedded models are converted once into the cache; `random_init` models are built from
-    `architecture` with random weights, saved once into the cache, and then loaded through the same
-    quantizing `from_pretrained` path as real checkpoints (transformers can only quantize on load).
+    Returns it with the quantized base's memory footprint (before any fp32 upcast), for the summary.
     """
-    if m.random_init:
-        return str(_random_model_dir(m, cache_dir, seed))
-    if is_embedded(m.name_or_path):
-        return str(ensure_embedded_model(m.name_or_path, cache_dir))
-    return m.name_or_path
-
-
-def _architecture_config(m: ModelConfig):
-    if m.architecture:
-        arch = dict(m.architecture)
-        return AutoConfig.for_model(arch.pop("model_type"), **arch)
-    return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-
-
-def _random_model_dir(m: ModelConfig, cache_dir: Path, seed: int) -> Path:
-    config = _architecture_config(m)
-    key = hashlib.sha256((config.to_json_string() + f"seed={seed}").encode()).hexdigest()[:16]
-    target = cache_dir / "random" / f"{config.model_type}-{key}"
-    if (target / "config.json").exists():
-        return target
-    torch.manual_seed(seed)
-    staged = target.with_name(target.name + ".tmp")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(staged)
-    staged.rename(target)
-    return target
-
-
-def base_config(source: str, m: ModelConfig):
-    """The base model's transformers config (read from `source`, or built from model.architecture)."""
-    if m.random_init:
-        return _architecture_config(m)
-    return AutoConfig.from_pretrained(source, revision=m.revision, trust_remote_code=m.trust_remote_code)
-
-
-def meta_model(source: str, m: ModelConfig, dtype: Optional[torch.dtype] = None):
-    """A weightless (meta-device) copy of the model: its modules and shapes, no memory, no weights read."""
-    config = base_config(source, m)
-    # A base saved already quantized keeps its quantization_config; the copy must be plain.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code, **({"dtype": dtype} if dtype else {}))
-
-
-def module_names(source: str, m: ModelConfig) -> list[str]:
-    """Module names of the model, read from a weightless (meta-device) copy: no weights load."""
-    return [name for name, _ in meta_model(source, m).named_modules()]
+    model = load_base(cfg.model, cfg.quant, source, device)
+    footprint = model.get_memory_footprint()
+    model = prepare_for_training(model, cfg.lora, cfg.quant, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                 fp32_frozen=cfg.speed.fp32_frozen)
+    apply_speed(model, cfg.speed, cfg.data.max_length)
+    return model, footprint
 
 
 def kept_unquantized_by_default(model) -> list[str]:
@@ -88,28 +45,6 @@ def kept_unquantized_by_default(model) -> list[str]:
     from transformers.quantizers.base import get_keys_to_not_convert
 
     return get_keys_to_not_convert(model)
-
-
-def accepts_position_ids(source: str, m: ModelConfig) -> bool:
-    """Whether the model's forward takes position ids, which packed rows need to keep examples apart."""
-    import inspect
-
-    return "position_ids" in inspect.signature(type(meta_model(source, m)).forward).parameters
-
-
-def load_tokenizer(m: ModelConfig, source: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(
-        m.tokenizer or source, revision=m.revision, trust_remote_code=m.trust_remote_code
-    )
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(
-                f"the tokenizer of {m.tokenizer or source} has neither a pad nor an eos token; "
-                "name a tokenizer that has one with model.tokenizer=..."
-            )
-        # Padding positions carry label -100 and attention 0, so reusing eos as pad is safe.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def device_map_for(q: QuantConfig, device: torch.device) -> Any:
@@ -143,13 +78,12 @@ def device_map_problems(model, device_map: dict[str, Any]) -> list[str]:
     return [f"quant.device_map gives no device to {shown}: add them (or a parent module; \"\" covers the whole model)"]
 
 
-def load_base(cfg: Config, source: str, device: torch.device):
+def load_base(m: ModelConfig, q: QuantConfig, source: str, device: torch.device):
     """The frozen base model, quantized on load as `quant.mode` says.
 
     A folder saved already quantized (`python -m finetune.quantize`) loads with the quantization_config
-    it was saved with; check_config has made sure the recipe's quant.* says the same.
+    it was saved with; the preflight has made sure the recipe's quant.* says the same.
     """
-    m, q = cfg.model, cfg.quant
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype(q.compute_dtype),
         device_map=device_map_for(q, device),
@@ -207,8 +141,7 @@ def keep_cpu_4bit_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_config(cfg: Config) -> LoraConfig:
-    lo = cfg.lora
+def lora_config(lo: LoraSettings) -> LoraConfig:
     targets: Any = "all-linear" if list(lo.target_modules) == ["all-linear"] else list(lo.target_modules)
     return LoraConfig(
         r=lo.r,
@@ -222,25 +155,25 @@ def lora_config(cfg: Config) -> LoraConfig:
     )
 
 
-def upcast_frozen_weights(model, cfg: Config):
+def upcast_frozen_weights(model, q: QuantConfig, fp32_frozen: bool):
     """peft's k-bit recipe: non-quantized frozen weights (norms, embeddings, head) to fp32, if asked."""
-    if cfg.quant.mode != "none" and cfg.speed.fp32_frozen:
+    if q.mode != "none" and fp32_frozen:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 
-def prepare_for_training(model, cfg: Config):
+def prepare_for_training(model, lora: LoraSettings, q: QuantConfig, *, gradient_checkpointing: bool,
+                         fp32_frozen: bool):
     """Make the base trainable through adapters: k-bit prep, gradient checkpointing, LoRA."""
     model.requires_grad_(False)
-    model = upcast_frozen_weights(model, cfg)
-    if cfg.train.gradient_checkpointing:
+    model = upcast_frozen_weights(model, q, fp32_frozen)
+    if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and is what torch recommends.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        keep_activations_of_last_blocks(model, cfg.speed.blocks_without_checkpointing)
     model.config.use_cache = False  # a KV cache is useless in training and conflicts with checkpointing
-    model = get_peft_model(model, lora_config(cfg))
+    model = get_peft_model(model, lora_config(lora))
     place_offloaded_adapters(model)
-    if cfg.quant.compute_dtype != "float32":
+    if q.compute_dtype != "float32":
         # Training runs under autocast, which casts a LoRA matmul's inputs itself; peft's own cast of
         # every adapter input to the fp32 adapter dtype only adds a full copy of the activations per
         # adapter. (Generation of samples must then also run under autocast.)
@@ -248,89 +181,6 @@ def prepare_for_training(model, cfg: Config):
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
     return model
-
-
-def decoder_blocks(model) -> list[torch.nn.Module]:
-    """The repeated decoder blocks: the longest ModuleList whose members share one class."""
-    blocks = max(
-        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
-         and len({type(b) for b in m}) == 1),
-        key=len, default=None,
-    )
-    return list(blocks or [])
-
-
-def keep_activations_of_last_blocks(model, count: int) -> None:
-    """Turn gradient checkpointing off for the last `count` decoder blocks (speed.blocks_without_checkpointing)."""
-    if count == 0:
-        return
-    blocks = [b for b in decoder_blocks(model) if getattr(b, "gradient_checkpointing", False)]
-    if count > len(blocks):
-        raise ConfigError([
-            f"speed.blocks_without_checkpointing={count} but the model has {len(blocks)} checkpointed decoder "
-            f"blocks; use a number from 0 to {len(blocks)} (or train.gradient_checkpointing=false for none)"
-        ])
-    for block in blocks[len(blocks) - count:]:
-        block.gradient_checkpointing = False
-        block.finetune_without_checkpointing = True  # compile_blocks gives these their own policy
-
-
-def checkpointing_of(block) -> str:
-    """A block's gradient checkpointing as prepare_for_training set it (read it before compile_blocks,
-    which takes checkpointing over): "checkpointed", "without checkpointing"
-    (speed.blocks_without_checkpointing) or "none" (train.gradient_checkpointing=false)."""
-    if getattr(block, "gradient_checkpointing", False):
-        return "checkpointed"
-    return "without checkpointing" if getattr(block, "finetune_without_checkpointing", False) else "none"
-
-
-# Batch widths of compiled runs are padded to a multiple of this (finetune.loop's collator, bench.py).
-COMPILED_WIDTH_MULTIPLE = 128
-
-
-def batch_width_multiple(compiled: bool, one_width: bool, max_length: int) -> Optional[int]:
-    """What batch widths are padded to a multiple of. Compiled blocks (speed.compile) compile once per
-    width (compile_blocks): multiples of 128 tokens bound the compiles to max_length / 128. With
-    `one_width` (packed rows, or speed.cuda_graphs) every batch is padded to max_length: packed rows
-    are nearly full anyway and compile once (four widths of packed llama3-8b rows cost 150 s of
-    compiling on the H100), and CUDA graphs record one graph (with four widths they kept recording:
-    481 tokens/s against 9,624 without them)."""
-    if not compiled:
-        return None
-    return max_length if one_width else COMPILED_WIDTH_MULTIPLE
-
-
-def compile_blocks(model, cuda_graphs: bool = False, max_length: int = 2048) -> int:
-    """torch.compile each repeated decoder block in place; returns how many were compiled.
-
-    Regional compilation: the blocks share one class, so the first compile is reused by the rest.
-    In place (`Module.compile`), unlike accelerate's `compile_regions`, which rebuilds the modules
-    and so renames the adapter weights in the state dict that PEFT saves. Checkpointing moves inside
-    the compiled blocks (finetune.recompute): checkpointed blocks recompute only what backward needs,
-    the others (speed.blocks_without_checkpointing) keep their matmul and attention outputs only.
-
-    Compiled for static shapes, once per batch width (padded to batch_width_multiple): with symbolic
-    widths torch 2.11's partitioner fails on these checkpointed blocks ("Node add_1077 was invalid,
-    but is output", on the H100 for every kind of block and attention, while fixed widths compile).
-    Dynamo's recompile limit (8 graphs per code) is raised to hold every width, for training and
-    evaluation, both kinds of block, a short last batch, and batches with and without padding (SDPA
-    gets no mask without padding); past it blocks would run eagerly.
-    """
-    blocks = decoder_blocks(model)
-    # Without train.gradient_checkpointing no block is either: those compile as they are.
-    checkpointed = [b for b in blocks if checkpointing_of(b) == "checkpointed"]
-    without = [b for b in blocks if checkpointing_of(b) == "without checkpointing"]
-    checkpoint_inside(checkpointed, keep=None)
-    if without:
-        ranks = {int(r) for c in getattr(model, "peft_config", {}).values() for r in [c.r, *c.rank_pattern.values()]}
-        checkpoint_inside(without, keep=keep_matmul_outputs(frozenset(ranks)))
-    widths = -(-max_length // COMPILED_WIDTH_MULTIPLE)
-    graphs = 2 * 2 * 2 * 2 * widths  # (training, evaluation) x kinds of block x (full, short batch) x (mask, none)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 2 * graphs)
-    for block in blocks:
-        block.compile(mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
-    return len(blocks)
 
 
 def place_offloaded_adapters(model) -> int:
@@ -363,54 +213,3 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters, counting each 4-bit packed weight as its real element count."""
     trainable, total = model.get_nb_trainable_parameters()
     return int(trainable), int(total)
-
-
-def load_adapter(
-    adapter_or_run_dir: str | Path,
-    *,
-    device: Optional[torch.device] = None,
-    cache_dir: Optional[Path] = None,
-    is_trainable: bool = False,
-    base: Optional[str | Path] = None,
-):
-    """Return (quantized base with the saved adapter, tokenizer, run config).
-
-    Accepts a run folder (uses its final adapter) or an adapter folder written by finetune; the
-    base is rebuilt with the same model and quantization settings recorded at training time.
-    `base` loads the adapter onto another copy of the same architecture instead: a base saved
-    already quantized by `python -m finetune.quantize` (loaded as saved), or the unquantized base
-    an adapter trained on a saved one came from (quantized on the fly with the recorded settings).
-    """
-    from finetune.checkpoint import read_adapter_manifest, resolve_adapter_dir
-
-    adapter_dir = resolve_adapter_dir(Path(adapter_or_run_dir))
-    manifest = read_adapter_manifest(adapter_dir)
-    cfg = manifest.config
-    if base is not None:
-        cfg.model = dataclasses.replace(cfg.model, name_or_path=str(base), random_init=False)
-    if device is None:
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    source = resolve_model_source(cfg.model, cache_dir or default_cache_dir(), seed=cfg.train.seed)
-    saved = saved_quantization(source)
-    if saved is not None:
-        # A saved base loads as it was saved; the recorded quant.* may describe another mode.
-        cfg.quant = quant_from_saved(cfg.quant, saved)
-    tokenizer = load_tokenizer(cfg.model, source)
-    base_model = load_base(cfg, source, device)
-    # The same upcast of frozen weights as in training, so the reloaded model computes exactly what
-    # the trained one did.
-    base_model = upcast_frozen_weights(base_model, cfg)
-    if is_trainable and cfg.train.gradient_checkpointing:
-        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
-    model.eval()
-    return model, tokenizer, cfg
-
-
-def describe_footprint(model) -> str:
-    return f"{model.get_memory_footprint() / 2**20:,.1f} MiB"
-
-
-def architecture_summary(model) -> str:
-    c = model.config
-    return json.dumps({k: getattr(c, k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size") if hasattr(c, k)})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datasets
 
-IGNORE_INDEX = -100
+from finetune.loss import IGNORE_INDEX
 
 
 def pack(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset:

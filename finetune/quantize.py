@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from finetune.config import ConfigError, check_quant, check_quant_architecture, default_cache_dir, unknown_override_keys
+from finetune.config import ConfigError, check_quant, check_quant_architecture, unknown_override_keys
+from finetune.source import default_cache_dir
 
 MANIFEST_KIND = "finetune-quantized-base"
 
@@ -49,14 +50,15 @@ def save_quantized_base(cfg, out: Path, cache_dir: Optional[Path] = None, device
     """Load the recipe's base quantized and write it (weights, quantization_config, tokenizer) to `out`."""
     from omegaconf import OmegaConf
 
-    from finetune.checkpoint import atomic_directory
-    from finetune.model import load_base, load_tokenizer, resolve_model_source
+    from finetune.atomic import atomic_directory
+    from finetune.model import load_base
+    from finetune.source import load_tokenizer, resolve_model_source
 
     if device is None:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     source = resolve_model_source(cfg.model, cache_dir or default_cache_dir(), seed=cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model, source)
-    model = load_base(cfg, source, device)
+    model = load_base(cfg.model, cfg.quant, source, device)
     manifest = {
         "kind": MANIFEST_KIND,
         "base_model": cfg.model.name_or_path,
@@ -74,9 +76,9 @@ def save_quantized_base(cfg, out: Path, cache_dir: Optional[Path] = None, device
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from finetune.model import module_names, resolve_model_source
     from finetune.quant import describe
     from finetune.run import compose
+    from finetune.source import module_names, resolve_model_source
 
     out, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     problems = unknown_override_keys(overrides)

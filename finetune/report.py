@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -66,9 +68,53 @@ def print_end(summary: dict) -> None:
 
 
 def _throughput_line(summary: dict) -> str:
-    sustained = summary.get("tokens_per_s_after_first_step")
+    steady = summary.get("steady_tokens_per_s")
     rate = f"{summary['tokens_per_s']:,.0f} tokens/s"
-    if sustained:  # the first step compiles and warms up: leave it out of the rate the run sustains
-        rate = f"{sustained:,.0f} tokens/s after the first step ({summary['tokens_per_s']:,.0f} with it)"
+    if steady:  # compiles, CUDA graph recording and cache warm-up are not the rate the run sustains
+        rate = (f"{steady:,.0f} tokens/s steady state, after {summary['warmup_steps']} warm-up step(s) of "
+                f"{summary['warmup_seconds']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s over every step)")
     return (f"throughput   {rate}; {summary['tokens']:,} tokens in {summary['train_seconds']:.1f} s of training, "
             f"{summary['wall_seconds']:.0f} s wall")
+
+
+class Throughput:
+    """One launch's step times, split into warm-up and the steady state the run sustains.
+
+    Warm-up is the first step plus every following step slower than twice the median of the
+    recent steps: compiles (speed.compile, one per new batch width), CUDA graph recording and
+    cache warm-up. The steady-state rate counts the steps after it.
+    """
+
+    RECENT = 100  # steps the median is taken over: the recent ones are the steady state
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.seconds: list[float] = []
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens.append(tokens)
+        self.seconds.append(seconds)
+
+    def warmup_steps(self) -> int:
+        if not self.seconds:
+            return 0
+        typical = statistics.median(self.seconds[-self.RECENT:])
+        n = 1
+        while n < len(self.seconds) and self.seconds[n] > 2 * typical:
+            n += 1
+        return n
+
+    def tokens_per_s(self) -> float:
+        seconds = sum(self.seconds)
+        return sum(self.tokens) / seconds if seconds > 0 else 0.0
+
+    def steady_tokens_per_s(self) -> Optional[float]:
+        """Tokens/s after the warm-up; None until a step after it is done."""
+        n = self.warmup_steps()
+        seconds = sum(self.seconds[n:])
+        return sum(self.tokens[n:]) / seconds if seconds > 0 else None
+
+    def summary(self) -> dict:
+        n = self.warmup_steps()
+        return {"steady_tokens_per_s": self.steady_tokens_per_s(), "warmup_steps": n,
+                "warmup_seconds": sum(self.seconds[:n])}

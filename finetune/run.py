@@ -16,7 +16,6 @@ from finetune.config import (
     ConfigError,
     check_architecture,
     check_config,
-    default_cache_dir,
     register_schema,
 )
 
@@ -40,8 +39,9 @@ def validate(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None) -> tu
     """
     import torch
 
-    from finetune.checkpoint import CheckpointError, find_latest_complete, resolve_resume
-    from finetune.model import accepts_position_ids, module_names, resolve_model_source
+    from finetune.atomic import CheckpointError
+    from finetune.checkpoint import find_latest_complete, resolve_resume
+    from finetune.source import accepts_position_ids, default_cache_dir, module_names, resolve_model_source
 
     cuda = torch.cuda.is_available()
     problems = check_config(cfg, cuda_available=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
@@ -105,7 +105,7 @@ def _finished_step(run_dir: Path) -> Optional[int]:
     """The step the run in `run_dir` wrote its final adapter at, or None if it has not finished."""
     import json
 
-    from finetune.checkpoint import MANIFEST
+    from finetune.atomic import MANIFEST
 
     try:
         return int(json.loads((run_dir / "adapter" / MANIFEST).read_text())["step"])
@@ -115,7 +115,7 @@ def _finished_step(run_dir: Path) -> Optional[int]:
 
 def run(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None):
     """Validate, record the resolved config in the run folder, and train; returns the RunResult."""
-    from finetune.checkpoint import disk_errors, write_json_atomic
+    from finetune.atomic import disk_errors, write_json_atomic
     from finetune.loop import train
 
     run_dir = Path(run_dir)

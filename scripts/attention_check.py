@@ -15,7 +15,7 @@ import copy
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from finetune.alibi import use_fused_alibi_attention
+from finetune.speed.alibi import use_fused_alibi_attention
 
 
 def main() -> None:

@@ -219,26 +219,31 @@ def our_config(model_dir: str, overrides: list[str]):
     return compose([
         f"model.name_or_path={model_dir}", "quant=nf4", f"lora.r={LORA_R}", f"lora.alpha={LORA_ALPHA}",
         f"lora.dropout={LORA_DROPOUT}", "lora.target_modules=[all-linear]", "train.optimizer=paged_adamw_32bit",
-        f"train.lr={LR}", "train.gradient_checkpointing=true", "output_dir=/tmp/unused", *overrides,
+        f"train.lr={LR}", "train.lr_scheduler=constant", "train.warmup_steps=0", "train.max_steps=100000",
+        "train.grad_accum=1", "train.gradient_checkpointing=true", "output_dir=/tmp/unused", *overrides,
     ])
 
 
 def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overrides: list[str],
                 profile: bool = False) -> None:
-    from finetune.loop import build_optimizer
-    from finetune.model import compile_blocks, load_base, prepare_for_training
+    """Our side: the model, optimizer and scheduler built as finetune.loop builds them, and each step
+    timed through finetune.loop.train_step, the function the training loop calls."""
+    from accelerate import Accelerator
+
+    from finetune.loop import build_optimizer, build_scheduler, mixed_precision
+    from finetune.model import build_model
 
     cfg = our_config(model_dir, overrides)
-    device = torch.device("cuda", 0)
-    base = load_base(cfg, model_dir, device)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg))
     torch.manual_seed(0)
-    model = prepare_for_training(base, cfg)
-    if cfg.speed.compile:
-        compile_blocks(model, cfg.speed.cuda_graphs, max(b["input_ids"].shape[1] for s in batch_sets for b in s))
+    model, _ = build_model(cfg, model_dir, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    train_each(batch_sets, lambda batches: _train_ours(model, cfg, params, optimizer, batches, warmup, profile))
+    train_each(batch_sets, lambda batches: _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches,
+                                                       warmup, profile))
 
 
 def compile_each_width(model, cfg, batches: list[dict]) -> dict:
@@ -259,10 +264,11 @@ def compile_each_width(model, cfg, batches: list[dict]) -> dict:
     return {"widths": len(by_width), "compile_s": round(time.perf_counter() - start)}
 
 
-def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int, profile: bool) -> dict:
-    from finetune.loss import causal_lm_loss_sum, count_targets
+def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: list[dict], warmup: int,
+                profile: bool) -> dict:
+    from finetune.loop import train_step
 
-    device = torch.device("cuda", 0)
+    accum = cfg.train.grad_accum
     times, losses, tokens = [], [], []
     warm = compile_each_width(model, cfg, batches) if cfg.speed.compile else {}
     profiler = None
@@ -273,21 +279,16 @@ def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int,
         profiler = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                  schedule=schedule(wait=0, warmup=warmup, active=2, repeat=1))
         profiler.start()
-    for b in batches:
-        n = count_targets(b)  # on the CPU, as finetune.loop does: counted on the GPU it would sync the step
-        b = {k: v.to(device) for k, v in b.items()}
-        tokens.append(int(b["attention_mask"].sum()))
+    for i in range(0, len(batches) - accum + 1, accum):
+        micro_batches = batches[i:i + accum]
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss_sum = causal_lm_loss_sum(model, b, cfg.speed.loss_chunk_size, cfg.speed.compile)
-        (loss_sum / n).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss_sum) / n)
+        outcome = train_step(model, optimizer, scheduler, micro_batches, accelerator=accelerator, params=params,
+                             speed=cfg.speed, max_grad_norm=cfg.train.max_grad_norm)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        losses.append(outcome.loss)
+        tokens.append(outcome.tokens)
         if profiler is not None:
             profiler.step()
     if profiler is not None:
@@ -304,7 +305,7 @@ def _train_ours(model, cfg, params, optimizer, batches: list[dict], warmup: int,
 
 
 def run_worker(args) -> None:
-    from finetune.model import batch_width_multiple
+    from finetune.speed import batch_width_multiple
 
     packing = any(o == "data.packing=true" for o in args.override)
     if args.max_seq:

@@ -30,17 +30,23 @@ def main() -> None:
     args = p.parse_args()
 
     from finetune.loss import causal_lm_loss_sum
-    from finetune.model import checkpointing_of, compile_blocks, decoder_blocks, load_base, prepare_for_training
-    from finetune.recompute import distinct, distinct_bytes, saved_tensors_by_block
+    from finetune.model import load_base, prepare_for_training
     from finetune.run import compose
+    from finetune.speed.compile import checkpointing_of, compile_blocks, decoder_blocks, keep_activations_of_last_blocks
+    from finetune.speed.recompute import distinct, distinct_bytes, saved_tensors_by_block
 
     model_dir = str(build_random_model(args.shape, Path(args.cache) / args.shape))
     cfg = compose([f"model.name_or_path={model_dir}", "quant=nf4", f"lora.r={LORA_R}", f"lora.alpha={LORA_ALPHA}",
                    f"lora.dropout={LORA_DROPOUT}", "lora.target_modules=[all-linear]", "output_dir=/tmp/unused",
                    *args.overrides])
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    model = prepare_for_training(load_base(cfg, model_dir, device), cfg)
-    kinds = [checkpointing_of(b) for b in decoder_blocks(model)]  # before compile_blocks takes checkpointing over
+    # Built step by step (finetune.model.build_model in pieces) to read each block's kind before
+    # compile_blocks takes checkpointing over.
+    model = prepare_for_training(load_base(cfg.model, cfg.quant, model_dir, device), cfg.lora, cfg.quant,
+                                 gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                 fp32_frozen=cfg.speed.fp32_frozen)
+    keep_activations_of_last_blocks(model, cfg.speed.blocks_without_checkpointing)
+    kinds = [checkpointing_of(b) for b in decoder_blocks(model)]
     if cfg.speed.compile:
         compile_blocks(model)
     model.train()

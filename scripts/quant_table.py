@@ -68,7 +68,7 @@ def synthetic_text(path: Path, rows: int, words: int, seed: int = 0) -> Path:
 
 def offload_device_map(cfg, source: str, fraction: float = 1 / 3) -> dict[str, object]:
     """GPU 0 for everything but the last `fraction` of the decoder layers, which go to the CPU."""
-    from finetune.model import meta_model
+    from finetune.source import meta_model
 
     model = meta_model(source, cfg.model)
     layer_lists = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "ModuleList" and len(m) > 1]
@@ -110,10 +110,9 @@ def run_mode(label: str, overrides: list[str], out: Path, env: dict[str, str]) -
 def main() -> None:
     import torch
 
-    from finetune.config import default_cache_dir
     from finetune.footprint import estimate_footprint, estimate_training_peak
-    from finetune.model import resolve_model_source
     from finetune.run import compose
+    from finetune.source import default_cache_dir, resolve_model_source
     from finetune.tiny import build_tiny_tokenizer
 
     own, overrides = parse(sys.argv[1:])

@@ -161,12 +161,12 @@ def fresh_compile_cache():
 
 def lora_model(model_dir: Path, *overrides: str):
     """The real NF4 base with LoRA adapters, on the CPU, every adapter non-zero (no dropout)."""
-    from finetune.model import load_base, prepare_for_training
+    from finetune.model import build_model
     from finetune.run import compose
 
     cfg = compose([f"model.name_or_path={model_dir}", "output_dir=/tmp/unused", "lora.dropout=0.0", *overrides])
     torch.manual_seed(0)
-    model = prepare_for_training(load_base(cfg, str(model_dir), torch.device("cpu")), cfg)
+    model = build_model(cfg, str(model_dir), torch.device("cpu"))[0]
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero; make every adapter matter
             torch.nn.init.normal_(p, std=0.05)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from finetune.alibi import use_fused_alibi_attention
 from finetune.config import ConfigError, check_config
 from finetune.run import compose
+from finetune.speed.alibi import use_fused_alibi_attention
 from tests.conftest import lora_model, loss_and_grads
 
 

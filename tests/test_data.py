@@ -416,7 +416,7 @@ def test_collator_pad_to_multiple_of():
 
 
 def test_compiled_runs_pad_widths_to_a_few_values_never_past_max_length():
-    from finetune.model import batch_width_multiple
+    from finetune.speed import batch_width_multiple
 
     assert batch_width_multiple(False, True, 1000) is None  # uncompiled: the batch's own width
     rows = [{"input_ids": [1] * 300, "labels": [1] * 300}]

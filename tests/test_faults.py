@@ -19,14 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune.checkpoint import (
-    CheckpointError,
-    check_saved_adapter,
-    find_latest_complete,
-    save_adapter,
-    verify_checkpoint,
-)
-from finetune.model import load_base, prepare_for_training
+from finetune.adapter import check_saved_adapter, save_adapter
+from finetune.atomic import CheckpointError
+from finetune.checkpoint import find_latest_complete, verify_checkpoint
+from finetune.model import build_model
 from finetune.run import compose
 from finetune.tiny import TINY_ARCHITECTURES, save_random_model
 from tests.conftest import INSTRUCTION_ROWS, run_cli, tiny_run_args
@@ -172,7 +168,7 @@ def test_an_adapter_that_never_learned_is_not_saved(tiny_llama, instruction_file
 @pytest.fixture(scope="module")
 def peft_model(tiny_llama):
     cfg = compose(tiny_run_args(tiny_llama, Path("unused.jsonl"), Path("unused")))
-    return prepare_for_training(load_base(cfg, str(tiny_llama), torch.device("cpu")), cfg)
+    return build_model(cfg, str(tiny_llama), torch.device("cpu"))[0]
 
 
 def test_a_non_finite_adapter_is_never_written(peft_model, tmp_path):

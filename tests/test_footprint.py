@@ -3,12 +3,9 @@ ratio each mode achieves, the training-peak arithmetic, and the `python -m finet
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from finetune.config import default_cache_dir
 from finetune.embedded import EMBEDDED_MODELS
 from finetune.footprint import (
     LOGIT_BYTES,
@@ -20,6 +17,7 @@ from finetune.footprint import (
 )
 from finetune.model import load_base
 from finetune.run import compose
+from finetune.source import default_cache_dir
 from finetune.tiny import save_random_model
 from tests.conftest import run_cli
 
@@ -48,7 +46,7 @@ def _cfg(model_dir, *overrides):
 def _estimate_and_measure(model_dir, *overrides):
     cfg = _cfg(model_dir, *overrides)
     estimate = estimate_footprint(cfg, str(model_dir), cfg.quant.mode)
-    measured = measure_footprint(load_base(cfg, str(model_dir), torch.device("cpu")))
+    measured = measure_footprint(load_base(cfg.model, cfg.quant, str(model_dir), torch.device("cpu")))
     return estimate, measured
 
 
@@ -164,6 +162,6 @@ _SMOLLM2 = default_cache_dir() / "embedded" / next(iter(EMBEDDED_MODELS))
 def test_estimate_equals_the_real_footprint_of_smollm2(mode):
     cfg = compose(["model.name_or_path=embedded:smollm2-135m-instruct", "output_dir=/tmp/unused", f"quant={mode}"])
     estimate = estimate_footprint(cfg, str(_SMOLLM2), mode)
-    footprint, constants = measure_footprint(load_base(dataclasses.replace(cfg), str(_SMOLLM2), torch.device("cpu")))
+    footprint, constants = measure_footprint(load_base(cfg.model, cfg.quant, str(_SMOLLM2), torch.device("cpu")))
     assert estimate.weights == pytest.approx(footprint, rel=0.01)
     assert estimate.quant_state == pytest.approx(constants, rel=0.03)

@@ -50,7 +50,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(arch, adapter_key, ke
                                                            fresh_compile_cache):
     from torch._dynamo.utils import counters
 
-    from finetune.model import compile_blocks
+    from finetune.speed.compile import compile_blocks
 
     model = lora_model(request.getfixturevalue(arch), "speed.fp32_frozen=false",
                        f"speed.blocks_without_checkpointing={kept}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import torch
 
-from finetune.model import load_base, load_tokenizer, prepare_for_training
+from finetune.model import build_model, load_base
 from finetune.run import compose
+from finetune.source import load_tokenizer
 
 
 def _cfg(model_dir, *overrides):
@@ -24,7 +25,7 @@ def _lora_grads(model, batch) -> dict[str, torch.Tensor]:
 
 def test_nf4_base_has_4bit_layers_and_frozen_weights(tiny_llama):
     cfg = _cfg(tiny_llama)
-    model = load_base(cfg, str(tiny_llama), torch.device("cpu"))
+    model = load_base(cfg.model, cfg.quant, str(tiny_llama), torch.device("cpu"))
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_state.quant_type == "nf4"
     assert q_proj.weight.quant_state.nested  # double quantization
@@ -38,7 +39,7 @@ def test_an_eval_pass_does_not_change_training_gradients(tiny_llama, tokenizer):
 
     def fresh():
         torch.manual_seed(0)
-        model = prepare_for_training(load_base(cfg, str(tiny_llama), torch.device("cpu")), cfg)
+        model = build_model(cfg, str(tiny_llama), torch.device("cpu"))[0]
         # LoRA B starts at zero; give it values so every adapter has a gradient path.
         for name, p in model.named_parameters():
             if "lora_B" in name:

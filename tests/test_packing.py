@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import datasets
 import torch
+import torch.nn.functional as F
 
 from finetune.data import Collator
-from finetune.loss import causal_lm_loss_sum, count_targets, per_example_loss_sums
-from finetune.model import load_base, prepare_for_training
+from finetune.loss import IGNORE_INDEX, causal_lm_loss_sum, count_targets, model_inputs
+from finetune.model import build_model
 from finetune.packing import fill_ratio, pack
 from finetune.run import compose
 
 TEXTS = ["What is the capital of France? Paris.", "The quick brown fox jumps over the lazy dog.",
          "Answer briefly: yes", "Fine-tuning adapts a pretrained language model to new data."]
+
+
+def per_example_loss_sums(model, batch: dict[str, torch.Tensor], chunk_size: int = 0,
+                          example_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Loss sum per example (rows, or packed examples given `example_ids` per token)."""
+    logits = model(**model_inputs(batch)).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    if example_ids is None:
+        return nll.sum(dim=1)
+    ids = example_ids[:, 1:]
+    return torch.zeros(int(ids.max()) + 1, dtype=nll.dtype).index_add_(0, ids.reshape(-1), nll.reshape(-1))
+
 
 
 def _examples(tokenizer) -> datasets.Dataset:
@@ -28,7 +44,7 @@ def _examples(tokenizer) -> datasets.Dataset:
 def _model(tiny_llama):
     cfg = compose([f"model.name_or_path={tiny_llama}", "output_dir=/tmp/unused", "lora.dropout=0.0",
                    "quant.compute_dtype=float32"])
-    model = prepare_for_training(load_base(cfg, str(tiny_llama), torch.device("cpu")), cfg)
+    model = build_model(cfg, str(tiny_llama), torch.device("cpu"))[0]
     return model.eval()
 
 

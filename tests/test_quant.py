@@ -14,8 +14,9 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
+from finetune.adapter import load_adapter
 from finetune.config import ConfigError, check_config
-from finetune.model import load_adapter, load_base, prepare_for_training
+from finetune.model import build_model, load_base, prepare_for_training
 from finetune.run import compose, run
 from tests.conftest import run_cli, tiny_run_args
 
@@ -44,7 +45,8 @@ def _logits(model, batch):
     ("none", torch.nn.Linear, None),
 ])
 def test_each_mode_builds_its_layers_and_keeps_the_head_unquantized(tiny_llama, mode, layer, quant_type):
-    model = load_base(_cfg(tiny_llama, f"quant={mode}"), str(tiny_llama), torch.device("cpu"))
+    model_cfg = _cfg(tiny_llama, f"quant={mode}")
+    model = load_base(model_cfg.model, model_cfg.quant, str(tiny_llama), torch.device("cpu"))
     linears = [m for n, m in model.named_modules() if n.endswith(("_proj",))]
     assert len(linears) == 14 and all(type(m) is layer for m in linears), {type(m) for m in linears}
     if quant_type:
@@ -64,14 +66,15 @@ def test_each_mode_builds_its_layers_and_keeps_the_head_unquantized(tiny_llama, 
     (["quant.compute_dtype=float16", "train.mixed_precision=no"], lambda m: m.compute_dtype == torch.float16),
 ])
 def test_4bit_settings_reach_the_layers(tiny_llama, overrides, check):
-    model = load_base(_cfg(tiny_llama, *overrides), str(tiny_llama), torch.device("cpu"))
+    model_cfg = _cfg(tiny_llama, *overrides)
+    model = load_base(model_cfg.model, model_cfg.quant, str(tiny_llama), torch.device("cpu"))
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit) and check(q_proj)
 
 
 def test_int8_threshold_and_skip_modules_reach_the_layers(tiny_llama):
     cfg = _cfg(tiny_llama, "quant=int8", "quant.int8_threshold=0", "quant.int8_skip_modules=[down_proj]")
-    model = load_base(cfg, str(tiny_llama), torch.device("cpu"))
+    model = load_base(cfg.model, cfg.quant, str(tiny_llama), torch.device("cpu"))
     layer = model.model.layers[1]
     assert type(layer.mlp.down_proj) is torch.nn.Linear and layer.mlp.down_proj.weight.dtype == torch.bfloat16
     assert isinstance(layer.mlp.up_proj, bnb.nn.Linear8bitLt) and layer.mlp.up_proj.state.threshold == 0.0
@@ -102,7 +105,7 @@ def test_int8_lora_gradients_match_an_unquantized_reference_and_survive_an_eval_
     def fresh(mode):
         cfg = _cfg(tiny_llama, f"quant.mode={mode}", "quant.compute_dtype=float32", "lora.dropout=0.0")
         torch.manual_seed(0)
-        model = prepare_for_training(load_base(cfg, str(tiny_llama), torch.device("cpu")), cfg)
+        model = build_model(cfg, str(tiny_llama), torch.device("cpu"))[0]
         for name, p in model.named_parameters():
             if "lora_B" in name:  # B starts at zero; give every adapter a gradient path
                 torch.nn.init.normal_(p, std=0.02)
@@ -222,7 +225,7 @@ def test_a_device_map_that_misses_a_parameter_is_refused_before_weights_load(tin
     cfg = _cfg(tiny_llama, "+quant.device_map={model.embed_tokens:cpu,model.layers:cpu,model.norm:cpu}")
     assert check_config(cfg, cuda_available=False, bf16_supported=False) == []
     with pytest.raises(ConfigError, match="quant.device_map gives no device to lm_head"):
-        load_base(cfg, str(tiny_llama), torch.device("cpu"))
+        load_base(cfg.model, cfg.quant, str(tiny_llama), torch.device("cpu"))
 
 
 def test_adapters_of_offloaded_layers_get_real_weights_and_train(tiny_llama, tokenizer, tmp_path):
@@ -232,13 +235,14 @@ def test_adapters_of_offloaded_layers_get_real_weights_and_train(tiny_llama, tok
     from accelerate import dispatch_model
 
     cfg = _cfg(tiny_llama, "quant=none", "quant.compute_dtype=float32", "lora.dropout=0.0")
-    base = load_base(cfg, str(tiny_llama), torch.device("cpu"))
+    base = load_base(cfg.model, cfg.quant, str(tiny_llama), torch.device("cpu"))
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     base = dispatch_model(base, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path))
     assert base.model.layers[1].self_attn.q_proj.weight.is_meta
     torch.manual_seed(0)
-    model = prepare_for_training(base, cfg)
+    model = prepare_for_training(base, cfg.lora, cfg.quant, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                 fp32_frozen=cfg.speed.fp32_frozen)
     lora_a = model.base_model.model.model.layers[1].self_attn.q_proj.lora_A.default.weight
     assert lora_a.device.type == "cpu" and lora_a.abs().sum() > 0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -295,8 +299,9 @@ def test_a_saved_base_gives_the_logits_of_the_on_the_fly_quantized_one(saved_bas
     cfg = _cfg(out, f"quant={mode}")
     assert check_config(cfg, cuda_available=False, bf16_supported=False) == []
     batch = tokenizer(["What is the capital of France? Paris.", "hi"], return_tensors="pt", padding=True)
-    saved = load_base(cfg, str(out), torch.device("cpu"))
-    fresh = load_base(_cfg(tiny_llama, f"quant={mode}"), str(tiny_llama), torch.device("cpu"))
+    saved = load_base(cfg.model, cfg.quant, str(out), torch.device("cpu"))
+    fresh_cfg = _cfg(tiny_llama, f"quant={mode}")
+    fresh = load_base(fresh_cfg.model, fresh_cfg.quant, str(tiny_llama), torch.device("cpu"))
     layer = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
     assert isinstance(saved.model.layers[0].self_attn.q_proj, layer)
     assert saved.get_memory_footprint() == fresh.get_memory_footprint()

@@ -1,4 +1,4 @@
-"""What compiled decoder blocks keep for their backward pass (finetune.recompute).
+"""What compiled decoder blocks keep for their backward pass (finetune.speed.recompute).
 
 Never a dequantized 4-bit weight; a checkpointed block keeps little more than its input; a block
 without checkpointing keeps its matmul outputs, not the elementwise work between them.
@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from finetune.model import compile_blocks, decoder_blocks
-from finetune.recompute import distinct_bytes, saved_tensors_by_block
+from finetune.speed.compile import compile_blocks, decoder_blocks
+from finetune.speed.recompute import distinct_bytes, saved_tensors_by_block
 from tests.conftest import ROOT, lora_model
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_cache")
@@ -84,7 +84,7 @@ def test_without_gradient_checkpointing_blocks_compile_as_they_are(tiny_llama):
 def test_checkpointing_inside_keeps_a_hook_that_replaced_the_forward(tiny_llama):
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    from finetune.recompute import checkpoint_inside
+    from finetune.speed.recompute import checkpoint_inside
 
     class CountCalls(ModelHook):  # as accelerate's device-placement hooks do, per instance
         calls = 0
@@ -106,7 +106,7 @@ def test_checkpointing_inside_keeps_a_hook_that_replaced_the_forward(tiny_llama)
 def test_samples_before_training_do_not_use_up_the_compiles(tiny_llama, tokenizer):
     from torch._dynamo.utils import counters
 
-    from finetune.loop import generate_samples
+    from finetune.generate import generate_samples
     from finetune.run import compose
 
     cfg = compose([f"model.name_or_path={tiny_llama}", "output_dir=/tmp/unused", "sample.prompts=[Hello there]",
@@ -114,7 +114,7 @@ def test_samples_before_training_do_not_use_up_the_compiles(tiny_llama, tokenize
     model = lora_model(tiny_llama, "speed.fp32_frozen=false")
     compile_blocks(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        generate_samples(model, tokenizer, cfg, "text")
+        generate_samples(model, tokenizer, cfg.data, cfg.sample, "text")
     assert counters["stats"]["unique_graphs"] == 0
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from finetune.checkpoint import CheckpointError
-from finetune.model import load_adapter
+from finetune.adapter import load_adapter
+from finetune.atomic import CheckpointError
 from finetune.run import compose, run
 from tests.conftest import tiny_run_args
 

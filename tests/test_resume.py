@@ -277,7 +277,7 @@ def test_adamw_is_fused_and_stays_fused_when_resumed_from_an_unfused_checkpoint(
 
     resumed_param = torch.nn.Parameter(at_save)
     resumed = build_optimizer([resumed_param], compose(["output_dir=/tmp/unused", "train.optimizer=adamw",
-                                                        "train.lr=1e-2", "train.weight_decay=0.0"]))
+                                                        "train.lr=1e-2", "train.weight_decay=0.0"]).train)
     assert resumed.param_groups[0]["fused"] is True
     load_optimizer_state(resumed, saved)
     assert resumed.param_groups[0]["fused"] is True  # the file said fused=False

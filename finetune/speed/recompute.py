@@ -1,19 +1,18 @@
 """What a compiled decoder block keeps for its backward pass, and what it recomputes.
 
-transformers 5.17 (the H100 machine's) checkpoints a block around its call, outside torch.compile:
-backward then reruns the whole compiled forward, the block's last matmul (whose output backward does
-not need) included; later versions checkpoint `forward`, inside the compiled region, but plainly
-(see recompute_everything). A compiled block without checkpointing keeps what the compiler's
-partitioner picks on its own: 0.78 GiB per llama3-8b block at 2 x 2048 tokens on the H100.
+transformers' own gradient checkpointing wraps a block from outside torch.compile, so backward
+reruns the whole compiled forward, the block's last matmul (whose output backward does not need)
+included; and a compiled block without checkpointing keeps whatever the partitioner picks.
 
 With speed.compile the checkpoint goes inside the compiled region instead (torch.utils.checkpoint,
 traced by dynamo), so the partitioner recomputes only what backward needs:
 - a checkpointed block keeps its input and recomputes the rest, but not the last matmul;
 - a block without checkpointing (speed.blocks_without_checkpointing) keeps the outputs of its frozen
   matmuls and of attention (selective activation checkpointing) and recomputes only the cheap work:
-  norms, rotary, LoRA's rank-r up-projections, activations and dropout (from its seed): 0.33 GiB
-  per llama3-8b block, with no frozen matmul recomputed either way (for 4-bit and unquantized
-  bases; bitsandbytes' int8 matmul is not in the kept list and would be recomputed).
+  norms, rotary, LoRA's rank-r up-projections, activations and dropout (from its seed). No frozen
+  matmul is recomputed either way for 4-bit and unquantized bases (bitsandbytes' int8 matmul is not
+  in the kept list and is recomputed). What each kind keeps per block is measured by
+  scripts/block_memory.py; the figures are in docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -70,11 +69,10 @@ def keep_matmul_outputs(lora_ranks: frozenset[int]) -> Callable:
 def recompute_everything(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Full checkpointing, as a selective policy.
 
-    Written out rather than left to plain checkpointing because under plain checkpointing torch 2.11
-    (the H100 machine's) gives no recompute tag to the ops of a custom autograd.Function such as
-    bitsandbytes' 4-bit matmul, and its partitioner then saves their outputs: a llama3-8b step
-    peaked at 18.28 GiB instead of 8.82 (pytorch/pytorch#177396; torch 2.13 tags them). The
-    selective path tags every op it sees.
+    Written out rather than left to plain checkpointing because under plain checkpointing some torch
+    versions give no recompute tag to the ops of a custom autograd.Function such as bitsandbytes'
+    4-bit matmul, and the partitioner then saves their outputs, doubling a block's memory
+    (pytorch/pytorch#177396; docs/decisions.md). The selective path tags every op it sees.
     """
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -1,0 +1,102 @@
+"""Compiled decoder blocks, and which blocks skip recompute (speed.compile, speed.blocks_without_checkpointing).
+
+Regional compilation: every repeated decoder block is compiled in place and shares one compiled
+graph per batch width. Compiled blocks compile for static shapes (a symbolic width fails in torch's
+partitioner for these checkpointed blocks, see docs/decisions.md), so batch widths are padded to a
+multiple of COMPILED_WIDTH_MULTIPLE to bound the number of compiles.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from finetune.config import SpeedConfig
+from finetune.speed.recompute import checkpoint_inside, keep_matmul_outputs
+
+# Batch widths of compiled runs are padded to a multiple of this (the collator, scripts/bench.py).
+COMPILED_WIDTH_MULTIPLE = 128
+
+
+def decoder_blocks(model) -> list[torch.nn.Module]:
+    """The repeated decoder blocks: the longest ModuleList whose members share one class."""
+    blocks = max(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1
+         and len({type(b) for b in m}) == 1),
+        key=len, default=None,
+    )
+    return list(blocks or [])
+
+
+def apply_speed(model, speed: SpeedConfig, max_length: int) -> None:
+    """Apply the speed settings to a model ready for training (LoRA attached, checkpointing on)."""
+    keep_activations_of_last_blocks(model, speed.blocks_without_checkpointing)
+    if speed.compile:
+        compile_blocks(model, speed.cuda_graphs, max_length)
+
+
+def keep_activations_of_last_blocks(model, count: int) -> None:
+    """Turn gradient checkpointing off for the last `count` decoder blocks (speed.blocks_without_checkpointing).
+
+    The preflight has checked that the model has that many blocks; this is the guard behind it.
+    """
+    if count == 0:
+        return
+    blocks = [b for b in decoder_blocks(model) if getattr(b, "gradient_checkpointing", False)]
+    if count > len(blocks):
+        raise ValueError(f"speed.blocks_without_checkpointing={count} but the model has {len(blocks)} "
+                         "checkpointed decoder blocks")
+    for block in blocks[len(blocks) - count:]:
+        block.gradient_checkpointing = False
+        block.finetune_without_checkpointing = True  # compile_blocks gives these their own policy
+
+
+def checkpointing_of(block) -> str:
+    """A block's gradient checkpointing before compile_blocks takes it over: "checkpointed", "without
+    checkpointing" (speed.blocks_without_checkpointing) or "none" (train.gradient_checkpointing=false)."""
+    if getattr(block, "gradient_checkpointing", False):
+        return "checkpointed"
+    return "without checkpointing" if getattr(block, "finetune_without_checkpointing", False) else "none"
+
+
+def batch_width_multiple(compiled: bool, one_width: bool, max_length: int) -> Optional[int]:
+    """What batch widths are padded to a multiple of.
+
+    Compiled blocks compile once per width: multiples of 128 tokens bound the compiles to
+    max_length / 128. With `one_width` (packed rows, or speed.cuda_graphs) every batch is padded to
+    max_length: packed rows are nearly full anyway and compile once, and CUDA graphs record one graph
+    instead of one per width.
+    """
+    if not compiled:
+        return None
+    return max_length if one_width else COMPILED_WIDTH_MULTIPLE
+
+
+def compile_blocks(model, cuda_graphs: bool = False, max_length: int = 2048) -> int:
+    """torch.compile each repeated decoder block in place; returns how many were compiled.
+
+    In place (`Module.compile`), unlike accelerate's `compile_regions`, which rebuilds the modules and
+    so renames the adapter weights in the state dict that PEFT saves. Checkpointing moves inside the
+    compiled blocks (finetune.speed.recompute): checkpointed blocks recompute only what backward needs,
+    the others keep their matmul and attention outputs only.
+
+    Dynamo's recompile limit is raised to hold every width, for training and evaluation, both kinds
+    of block, a short last batch, and batches with and without padding (SDPA gets no mask without
+    padding); past the limit blocks would silently run eagerly.
+    """
+    blocks = decoder_blocks(model)
+    # Without train.gradient_checkpointing no block is checkpointed: those compile as they are.
+    checkpointed = [b for b in blocks if checkpointing_of(b) == "checkpointed"]
+    without = [b for b in blocks if checkpointing_of(b) == "without checkpointing"]
+    checkpoint_inside(checkpointed, keep=None)
+    if without:
+        ranks = {int(r) for c in getattr(model, "peft_config", {}).values() for r in [c.r, *c.rank_pattern.values()]}
+        checkpoint_inside(without, keep=keep_matmul_outputs(frozenset(ranks)))
+    widths = -(-max_length // COMPILED_WIDTH_MULTIPLE)
+    graphs = 2 * 2 * 2 * 2 * widths  # (training, evaluation) x kinds of block x (full, short batch) x (mask, none)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 2 * graphs)
+    for block in blocks:
+        block.compile(mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
+    return len(blocks)
