@@ -86,7 +86,6 @@ def model_problems(cfg: Config, source: str, *, cuda_available: bool) -> list[st
         if wanted > blocks:
             p.append(f"speed.blocks_without_checkpointing={wanted} but the model has {blocks} checkpointed decoder "
                      f"blocks; use a number from 0 to {blocks} (or train.gradient_checkpointing=false for none)")
-    p += _random_init_problems(cfg, config.model_type)
     return p
 
 
@@ -112,7 +111,7 @@ def lora_module_problems(cfg: Config, module_names: list[str]) -> list[str]:
     return p
 
 
-def _random_init_problems(cfg: Config, built_type: str) -> list[str]:
+def random_init_problems(cfg: Config) -> list[str]:
     """With random_init, the model built is model.architecture; a local name_or_path must be that kind of model.
 
     (A name_or_path differing from the architecture's own model, model.architecture_of, is refused by
@@ -122,6 +121,7 @@ def _random_init_problems(cfg: Config, built_type: str) -> list[str]:
     config_file = Path(m.name_or_path) / "config.json"
     if not (m.random_init and m.architecture and config_file.is_file()):
         return []
+    built_type = m.architecture.get("model_type")
     try:
         named_type = json.loads(config_file.read_text()).get("model_type")
     except (OSError, json.JSONDecodeError):
@@ -254,8 +254,10 @@ def preflight(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None) -> t
     problems += output_dir_problems(run_dir)
     run_problems, resume_from = run_dir_problems(cfg, run_dir)
     problems += run_problems
+    mislabelled = random_init_problems(cfg)
+    problems += mislabelled
     source = cfg.model.name_or_path
-    if not cfg.model.problems():  # a model section in doubt is not resolved (random_init would build it)
+    if not mislabelled and not cfg.model.problems():  # a model in doubt is not resolved (random_init builds it)
         try:
             # Only the main process converts or builds a cached model; the others wait and reuse it.
             with PartialState().main_process_first():
