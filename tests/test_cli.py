@@ -56,9 +56,9 @@ def test_start_summary_reports_footprint_params_and_tokens(finished_run):
 
 
 def test_unknown_key_fails_with_the_key_that_was_meant(tmp_path, cache_dir):
-    result = run_cli(["lora.rank=8", "train.maxsteps=3", f"output_dir={tmp_path}/run"], cache_dir)
+    result = run_cli(["lora.alhpa=8", "train.maxsteps=3", f"output_dir={tmp_path}/run"], cache_dir)
     assert result.returncode == 2
-    assert "unknown config key 'lora.rank': did you mean 'lora.r'?" in result.stderr
+    assert "unknown config key 'lora.alhpa': did you mean 'lora.alpha'?" in result.stderr
     assert "did you mean 'train.max_steps'?" in result.stderr
     assert not (tmp_path / "run").exists()
 
