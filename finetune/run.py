@@ -56,11 +56,6 @@ def composition_problem(e: Exception) -> str:
     return f"an override could not be parsed: {text}" if isinstance(e, OverrideParseException) else text
 
 
-def validate(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None) -> tuple[str, Optional[Path]]:
-    """Every problem at once, before weights load (finetune.preflight.preflight)."""
-    return preflight(cfg, Path(run_dir), cache_dir)
-
-
 def run(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None):
     """Preflight, record the resolved config in the run folder, and train; returns the RunResult."""
     from finetune.checkpoint import disk_errors, write_json_atomic

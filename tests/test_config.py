@@ -4,7 +4,9 @@ load), "did you mean" and other tools' names, and the clean exit-2 error block o
 from __future__ import annotations
 
 import ast
+import errno
 import json
+import os
 import shutil
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from finetune.config import (
     schema_keys,
     suggest_key,
 )
-from finetune.preflight import config_problems, model_problems, output_dir_problems, preflight
+from finetune.preflight import _write_problem, config_problems, model_problems, output_dir_problems, preflight
 from finetune.run import compose
 from tests.conftest import run_cli, tiny_run_args
 
@@ -348,3 +350,14 @@ def test_no_import_cycle_in_the_package():
 
 def test_config_is_the_bottom_layer():
     assert _imports(ROOT / "finetune" / "config.py", ROOT / "finetune") == set()
+
+
+@pytest.mark.parametrize("code, words", [
+    (errno.EROFS, "is on a read-only filesystem"), (errno.ENOSPC, "is on a full disk"),
+    (errno.EACCES, "is not writable by this user"),
+])
+def test_an_unwritable_output_dir_is_named_with_the_reason(code, words, tmp_path):
+    # A read-only or full filesystem cannot be made here (tests run as root, without mounts); the
+    # probe's OSError is what such a filesystem raises, so the message for each reason is checked.
+    message = _write_problem(tmp_path / "run", tmp_path, OSError(code, os.strerror(code)))
+    assert message.startswith(f"output_dir={tmp_path / 'run'} (its parent {tmp_path}) {words}")
