@@ -60,9 +60,8 @@ from typing import Optional
 
 import torch
 
-from finetune.config import Config, ConfigError, check_quant, check_quant_architecture, unknown_override_keys
+from finetune.config import QUANT_MODES, Config, ConfigError
 
-MODES = ("nf4", "fp4", "int8", "none")
 BLOCK_4BIT = 64  # bitsandbytes' 4-bit blocksize on CUDA and CPU
 NESTED_BLOCK = 256  # double quantization: absmax values per nested block
 OPTIMIZER_BYTES = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
@@ -298,30 +297,31 @@ def _parse_args(argv: list[str]) -> tuple[list[str], bool]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     from finetune.model import load_base
+    from finetune.quant import quant_module_problems, quant_problems
     from finetune.run import compose
     from finetune.source import default_cache_dir, module_names, resolve_model_source
 
     overrides, measure = _parse_args(sys.argv[1:] if argv is None else argv)
-    problems = unknown_override_keys(overrides)
-    if problems:
-        raise SystemExit(f"finetune.footprint: {ConfigError(problems)}")
-    cfg = compose(overrides)
+    try:
+        cfg = compose(overrides)
+    except ConfigError as e:
+        raise SystemExit(f"finetune.footprint: {e}") from None
     cuda = torch.cuda.is_available()
     # Only the checks the estimate depends on, as on the GPU the recipe is meant for: a footprint is
     # often estimated on another machine than the one that will train.
-    problems = check_quant(cfg, cuda_available=True)
+    problems = quant_problems(cfg.quant, cfg.model, cuda_available=True)
     # A random-weights model is described by its architecture alone: build its weights only to measure.
     needs_weights = measure or not cfg.model.random_init
     source = resolve_model_source(cfg.model, default_cache_dir(), seed=cfg.train.seed) if needs_weights else ""
-    problems += check_quant_architecture(cfg, module_names(source, cfg.model))
+    problems += quant_module_problems(cfg.quant, module_names(source, cfg.model))
     if problems:
         raise SystemExit(f"finetune.footprint: {ConfigError(problems)}")
 
-    rows = [estimate_footprint(cfg, source, mode) for mode in MODES]
+    rows = [estimate_footprint(cfg, source, mode) for mode in QUANT_MODES]
     measured: dict[str, tuple[int, int]] = {}
     if measure:
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-        for mode in MODES:
+        for mode in QUANT_MODES:
             model = load_base(cfg.model, dataclasses.replace(cfg.quant, mode=mode), source, device)
             measured[mode] = measure_footprint(model)
             del model

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AutoModelForCausalLM
 
-from finetune.config import Config, ConfigError, LoraSettings, ModelConfig, QuantConfig
+from finetune.config import Config, LoraSettings, ModelConfig, QuantConfig
 from finetune.quant import (
     build_bnb_config,
     quiet_repeated_int8_cast_warning,
@@ -24,7 +24,7 @@ from finetune.quant import (
 )
 from finetune.source import base_config, meta_model
 from finetune.speed import apply_speed
-from finetune.speed.alibi import FUSED_ALIBI_IMPLEMENTATIONS, fused_alibi_problems, use_fused_alibi_attention
+from finetune.speed.alibi import FUSED_ALIBI_IMPLEMENTATIONS, use_fused_alibi_attention
 
 
 def build_model(cfg: Config, source: str, device: torch.device) -> tuple[Any, int]:
@@ -64,20 +64,6 @@ def max_memory_for(q: QuantConfig) -> dict[Any, str]:
     return {int(k) if str(k).isdigit() else str(k): str(v) for k, v in (q.max_memory or {}).items()}
 
 
-def device_map_problems(model, device_map: dict[str, Any]) -> list[str]:
-    """Parameters of `model` (a meta copy) that quant.device_map gives no device, as a config problem."""
-    keys = list(device_map)
-    missing = [
-        name for name, _ in model.named_parameters(remove_duplicate=False)
-        if not any(k == "" or name == k or name.startswith(k + ".") for k in keys)
-    ]
-    if not missing:
-        return []
-    modules = sorted({n.rsplit(".", 1)[0] for n in missing})
-    shown = ", ".join(modules[:6]) + (f" and {len(modules) - 6} more" if len(modules) > 6 else "")
-    return [f"quant.device_map gives no device to {shown}: add them (or a parent module; \"\" covers the whole model)"]
-
-
 def load_base(m: ModelConfig, q: QuantConfig, source: str, device: torch.device):
     """The frozen base model, quantized on load as `quant.mode` says.
 
@@ -101,15 +87,8 @@ def load_base(m: ModelConfig, q: QuantConfig, source: str, device: torch.device)
         attention = "sdpa"
     # transformers has only an eager attention for BLOOM; ours takes its place after loading.
     fused_alibi = attention in FUSED_ALIBI_IMPLEMENTATIONS and model_type == "bloom"
-    if fused_alibi and (problems := fused_alibi_problems(config, attention)):
-        raise ConfigError(problems)
     if attention:
         kwargs["attn_implementation"] = "eager" if fused_alibi else attention
-    if q.device_map:
-        # accelerate would say only "does not give any device for lm_head.weight", after the model is built.
-        problems = device_map_problems(meta_model(source, m), q.device_map)
-        if problems:
-            raise ConfigError(problems)
     if saved_quantization(source) is None:
         keep = kept_unquantized_by_default(meta_model(source, m)) if q.int8_skip_modules else None
         bnb = build_bnb_config(q, keep)

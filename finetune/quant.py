@@ -3,21 +3,25 @@
 Every bitsandbytes mode is a `quant.mode`: nf4 and fp4 (4-bit, QLoRA), int8 (LLM.int8) and none
 (an unquantized 16-bit base, for comparison). A base saved already quantized by
 `python -m finetune.quantize` carries its own `quantization_config` and loads only as saved;
-`saved_mismatches` says where a recipe differs from it.
+`saved_mismatches` says where a recipe differs from it. The quant checks that need more than the
+section's own fields (the devices, a saved base, the model's module names) sit here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from transformers import BitsAndBytesConfig
 
-from finetune.config import QuantConfig
+from finetune.config import QUANTIZED_MODES, ModelConfig, QuantConfig, is_gpu
 
 TORCH_DTYPES = {
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8,
@@ -35,7 +39,7 @@ def build_bnb_config(q: QuantConfig, keep_unquantized: Optional[list[str]] = Non
     tied weights). transformers drops that default list as soon as `llm_int8_skip_modules` is given,
     so the user's skip modules are added to it here: skipping `down_proj` must not quantize `lm_head`.
     """
-    if q.mode not in ("nf4", "fp4", "int8"):
+    if q.mode not in QUANTIZED_MODES:
         return None
     skip = None
     if q.int8_skip_modules:
@@ -156,3 +160,119 @@ def quiet_repeated_int8_cast_warning() -> None:
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _OnceFilter) for f in logger.filters):
         logger.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
+
+
+# --- checks beside the builder: device facts, a saved base's own settings, module names ------------
+
+
+def placement_problems(q: QuantConfig, *, cuda_available: bool) -> list[str]:
+    """Problems of quant.device_map / max_memory / int8_fp32_cpu_offload that depend on the devices."""
+    p: list[str] = []
+    quantized = q.mode in QUANTIZED_MODES
+    devices = list((q.device_map or {}).values())
+    on_cpu = [d for d in devices if str(d) == "cpu"]
+    on_gpu = [d for d in devices if is_gpu(d)]
+    if on_gpu and not cuda_available:
+        p.append("quant.device_map places modules on a GPU, but no GPU is visible; drop quant.device_map to train on the CPU")
+    if quantized and on_cpu and on_gpu and not q.int8_fp32_cpu_offload:
+        p.append(
+            "quant.device_map splits the base between a GPU and the CPU: transformers loads a quantized base "
+            "split that way only with quant.int8_fp32_cpu_offload=true, which keeps the CPU modules unquantized"
+        )
+    if q.int8_fp32_cpu_offload:
+        if not quantized:
+            p.append("quant.int8_fp32_cpu_offload keeps CPU modules out of quantization, but quant.mode=none quantizes "
+                     "nothing; remove it")
+        elif not cuda_available:
+            p.append(
+                "quant.int8_fp32_cpu_offload splits the base between a GPU and the CPU, but no GPU is visible "
+                "(on the CPU the whole base is on the CPU already); remove it and quant.device_map / quant.max_memory"
+            )
+        elif not q.device_map:
+            p.append(
+                "quant.int8_fp32_cpu_offload needs quant.device_map naming the modules that go to the CPU"
+                + (
+                    " (with quant.max_memory alone, transformers quantizes every layer before it decides the "
+                    "placement, so nothing would stay unquantized)" if q.max_memory else ""
+                )
+            )
+        elif not on_cpu:
+            p.append("quant.int8_fp32_cpu_offload is set but quant.device_map sends no module to 'cpu'")
+    return p
+
+
+def saved_quantization_problems(q: QuantConfig, m: ModelConfig) -> list[str]:
+    """A base saved already quantized loads as it was saved; the recipe must say the same settings.
+
+    Requiring a match (rather than silently taking the folder's settings) keeps `quant.*` a true
+    record of the loaded base in the summary, the adapter manifest and resume fingerprints.
+    """
+    folder = m.name_or_path
+    saved = saved_quantization(folder) if not m.random_init and os.path.isdir(folder) else None
+    if not saved:
+        return []
+    if saved_mode(saved) is None:
+        return [
+            f"model.name_or_path={folder!r} is quantized with {saved.get('quant_method', 'an unknown method')!r}; "
+            "finetune loads bitsandbytes bases only (save one with `python -m finetune.quantize`)"
+        ]
+    mismatches = saved_mismatches(q, saved)
+    if not mismatches:
+        return []
+    return [
+        f"model.name_or_path={folder!r} holds a base saved already quantized, and it loads only as saved, but "
+        f"the recipe differs: {'; '.join(m for m, _ in mismatches)}. Add `{' '.join(o for _, o in mismatches)}`, "
+        "or point model.name_or_path at the unquantized base"
+    ]
+
+
+def quant_problems(q: QuantConfig, m: ModelConfig, *, cuda_available: bool) -> list[str]:
+    """Every quant.* problem that needs no model: its own fields, placement on these devices, a saved base."""
+    return q.problems() + saved_quantization_problems(q, m) + placement_problems(q, cuda_available=cuda_available)
+
+
+def _matches_module(pattern: str, name: str) -> bool:
+    """transformers' rule for skip modules: a path prefix at a module boundary, a regex, or a suffix."""
+    try:
+        if re.match(rf"(?:{pattern})(?:(?<=\.)|(?=\.|$))", name):
+            return True
+    except re.error:
+        pass
+    return name.endswith(pattern)
+
+
+def quant_module_problems(q: QuantConfig, module_names: list[str]) -> list[str]:
+    """Problems with quant.* settings that need the model's module names (read from a weightless copy)."""
+    p: list[str] = []
+    named = [n for n in module_names if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in named})
+    for pattern in q.int8_skip_modules or []:
+        if not any(_matches_module(pattern, n) for n in named):
+            hint = difflib.get_close_matches(pattern, leaves, n=1)
+            p.append(
+                f"quant.int8_skip_modules has '{pattern}', which matches no module of this model"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + "; give a leaf name (down_proj) or a module path (model.layers.0)"
+            )
+    for name in q.device_map or {}:
+        if name and name not in module_names:
+            hint = difflib.get_close_matches(name, named, n=1)
+            p.append(
+                f"quant.device_map names '{name}', which is not a module of this model"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            )
+    return p
+
+
+def device_map_problems(model, device_map: dict[str, Any]) -> list[str]:
+    """Parameters of `model` (a meta copy) that quant.device_map gives no device, as a config problem."""
+    keys = list(device_map)
+    missing = [
+        name for name, _ in model.named_parameters(remove_duplicate=False)
+        if not any(k == "" or name == k or name.startswith(k + ".") for k in keys)
+    ]
+    if not missing:
+        return []
+    modules = sorted({n.rsplit(".", 1)[0] for n in missing})
+    shown = ", ".join(modules[:6]) + (f" and {len(modules) - 6} more" if len(modules) > 6 else "")
+    return [f"quant.device_map gives no device to {shown}: add them (or a parent module; \"\" covers the whole model)"]

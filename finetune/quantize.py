@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from finetune.config import ConfigError, check_quant, check_quant_architecture, unknown_override_keys
+from finetune.config import ConfigError
 from finetune.source import default_cache_dir
 
 MANIFEST_KIND = "finetune-quantized-base"
@@ -76,22 +76,22 @@ def save_quantized_base(cfg, out: Path, cache_dir: Optional[Path] = None, device
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from finetune.quant import describe
+    from finetune.quant import describe, quant_module_problems, quant_problems
     from finetune.run import compose
     from finetune.source import module_names, resolve_model_source
 
     out, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    problems = unknown_override_keys(overrides)
-    if problems:
-        raise SystemExit(f"finetune.quantize: {ConfigError(problems)}")
-    cfg = compose(overrides)
+    try:
+        cfg = compose(overrides)
+    except ConfigError as e:
+        raise SystemExit(f"finetune.quantize: {e}") from None
     cuda = torch.cuda.is_available()
-    problems = check_quant(cfg, cuda_available=cuda) + quantize_problems(cfg)
+    problems = quant_problems(cfg.quant, cfg.model, cuda_available=cuda) + quantize_problems(cfg)
     if out.exists():
         problems.append(f"out={out} exists; give a new folder (a saved base is never overwritten)")
     if not problems:
         source = resolve_model_source(cfg.model, default_cache_dir(), seed=cfg.train.seed)
-        problems += check_quant_architecture(cfg, module_names(source, cfg.model))
+        problems += quant_module_problems(cfg.quant, module_names(source, cfg.model))
     if problems:
         raise SystemExit(f"finetune.quantize: {ConfigError(problems)}")
     save_quantized_base(cfg, out)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from finetune.config import ConfigError, check_config
+from finetune.config import ConfigError
+from finetune.preflight import config_problems
 from finetune.run import compose
 from finetune.speed.alibi import use_fused_alibi_attention
 from tests.conftest import lora_model, loss_and_grads
@@ -131,16 +132,16 @@ def test_more_blocks_without_checkpointing_than_the_model_has_is_refused(tiny_ll
 
 def test_blocks_without_checkpointing_needs_checkpointing():
     cfg = compose(["output_dir=/tmp/unused", "train.gradient_checkpointing=false", "speed.blocks_without_checkpointing=2"])
-    problems = check_config(cfg, cuda_available=False, bf16_supported=False)
+    problems = config_problems(cfg, cuda_available=False, bf16_supported=False)
     assert any("blocks_without_checkpointing=2 has no effect" in p for p in problems)
 
 
 def test_cuda_graphs_need_compiled_blocks_and_no_accumulation():
     cfg = compose(["output_dir=/tmp/unused", "speed.cuda_graphs=true"])
-    problems = check_config(cfg, cuda_available=False, bf16_supported=False)
+    problems = config_problems(cfg, cuda_available=False, bf16_supported=False)
     assert any("speed.cuda_graphs=true replays compiled blocks; set speed.compile=true" in p for p in problems)
     cfg = compose(["output_dir=/tmp/unused", "speed=fast", "speed.cuda_graphs=true", "train.grad_accum=2"])
-    problems = check_config(cfg, cuda_available=False, bf16_supported=False)
+    problems = config_problems(cfg, cuda_available=False, bf16_supported=False)
     assert any("speed.cuda_graphs=true cannot accumulate gradients (train.grad_accum=2)" in p for p in problems)
     cfg = compose(["output_dir=/tmp/unused", "speed=fast", "speed.cuda_graphs=true", "train.grad_accum=1"])
-    assert not check_config(cfg, cuda_available=False, bf16_supported=False)
+    assert not config_problems(cfg, cuda_available=False, bf16_supported=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import check_config
+from finetune.preflight import config_problems
 from finetune.run import RECIPES, compose
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,4 +22,4 @@ def test_ci_runs_the_readme_test_command():
 def test_every_shipped_recipe_composes_and_validates(recipe):
     cfg = compose([f"recipe={recipe}", "output_dir=/tmp/unused"])
     # Recipes are written for a bf16-capable GPU; none may carry a config problem there.
-    assert check_config(cfg, cuda_available=True, bf16_supported=True) == []
+    assert config_problems(cfg, cuda_available=True, bf16_supported=True) == []

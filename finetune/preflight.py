@@ -1,0 +1,276 @@
+"""Everything checked before any weights load, reported together.
+
+Each config section checks its own fields (`Config.problems()`); this module holds what spans
+sections or needs more than the config: the devices (bf16, GPUs), the model's module names and
+blocks (read from a weightless meta-device copy), the output folder (writable, not a file) and the
+run already in it (finished, interrupted, resumable). `preflight` runs them all and raises one
+ConfigError naming every problem, so a user fixes them in one go instead of one per launch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from finetune.config import Config, ConfigError
+from finetune.quant import placement_problems, quant_module_problems, saved_quantization_problems
+
+# Bytes written by the output folder's write probe: enough to meet a full disk, small enough to be free.
+PROBE_BYTES = 64 * 1024
+
+
+def config_problems(cfg: Config, *, cuda_available: bool, bf16_supported: bool) -> list[str]:
+    """Every problem that needs no model: each section's own, then the rules spanning sections and devices."""
+    p = cfg.problems()
+    q, t, s = cfg.quant, cfg.train, cfg.speed
+    p += saved_quantization_problems(q, cfg.model)
+    p += placement_problems(q, cuda_available=cuda_available)
+
+    uses_bf16 = q.compute_dtype == "bfloat16" or t.mixed_precision == "bf16"
+    if uses_bf16 and cuda_available and not bf16_supported:
+        p.append("bf16 was asked for (quant.compute_dtype or train.mixed_precision) but this GPU has "
+                 "no bf16 support: set quant.compute_dtype=float16 train.mixed_precision=fp16")
+    if t.mixed_precision == "fp16" and not cuda_available:
+        p.append("train.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no")
+    if q.mode != "none" and q.compute_dtype == "float16" and t.mixed_precision == "bf16":
+        p.append("quant.compute_dtype=float16 with train.mixed_precision=bf16 mixes two half types; pick one")
+    if t.optimizer.startswith("paged") and not cuda_available:
+        p.append(f"train.optimizer={t.optimizer} pages optimizer state through CUDA memory; on the CPU use adamw "
+                 "or adamw_8bit")
+
+    if s.compile and s.fp32_frozen and q.mode != "none":
+        # Compiled blocks with fp32-upcast frozen norms gave NaN losses (docs/decisions.md).
+        p.append("speed.compile=true with speed.fp32_frozen=true gave NaN losses in our GPU benchmark; "
+                 "set speed.fp32_frozen=false with speed.compile=true")
+    if s.blocks_without_checkpointing > 0 and not t.gradient_checkpointing:
+        p.append(f"speed.blocks_without_checkpointing={s.blocks_without_checkpointing} has no effect with "
+                 "train.gradient_checkpointing=false (no block is checkpointed); set it to 0 or turn checkpointing on")
+    if s.cuda_graphs and t.grad_accum > 1:
+        # A graph replay hands gradients out of the graph's own memory, which the next micro-batch's
+        # replay overwrites: accumulation would give wrong gradients (pytorch/pytorch#169545).
+        p.append(f"speed.cuda_graphs=true cannot accumulate gradients (train.grad_accum={t.grad_accum}): the next "
+                 "micro-batch's graph replay overwrites them; set train.grad_accum=1 (and a larger "
+                 "train.batch_size) or speed.cuda_graphs=false")
+    return p
+
+
+def model_problems(cfg: Config, source: str, *, cuda_available: bool) -> list[str]:
+    """Problems that need the model's modules, read from a weightless (meta-device) copy: no weights load."""
+    from finetune.quant import device_map_problems
+    from finetune.source import meta_model
+    from finetune.speed.alibi import FUSED_ALIBI_IMPLEMENTATIONS, fused_alibi_problems
+    from finetune.speed.compile import decoder_blocks
+
+    model = meta_model(source, cfg.model)
+    names = [name for name, _ in model.named_modules()]
+    p = lora_module_problems(cfg, names) + quant_module_problems(cfg.quant, names)
+    if cfg.quant.device_map and not any(s.startswith("quant.device_map names") for s in p):
+        # accelerate would say only "does not give any device for lm_head.weight", after the model is built.
+        p += device_map_problems(model, cfg.quant.device_map)
+    if cfg.data.packing and "position_ids" not in inspect.signature(type(model).forward).parameters:
+        p.append(f"data.packing=true needs a model that takes position ids; {cfg.model.name_or_path} "
+                 "does not (e.g. bloom's ALiBi attention): set data.packing=false")
+    config = model.config
+    attention = cfg.model.attn_implementation or ("sdpa" if config.model_type == "bloom" else None)
+    if attention == "flex_attention" and not cuda_available:
+        attention = "sdpa"  # what load_base falls back to on the CPU
+    if config.model_type == "bloom" and attention in FUSED_ALIBI_IMPLEMENTATIONS:
+        p += fused_alibi_problems(config, attention)
+    wanted = cfg.speed.blocks_without_checkpointing
+    if cfg.train.gradient_checkpointing and wanted > 0:
+        blocks = len(decoder_blocks(model))
+        if wanted > blocks:
+            p.append(f"speed.blocks_without_checkpointing={wanted} but the model has {blocks} checkpointed decoder "
+                     f"blocks; use a number from 0 to {blocks} (or train.gradient_checkpointing=false for none)")
+    return p
+
+
+def lora_module_problems(cfg: Config, module_names: list[str]) -> list[str]:
+    """lora.target_modules and lora.modules_to_save entries that name no module of the model."""
+    p: list[str] = []
+    leaves = {n.rsplit(".", 1)[-1] for n in module_names if n}
+    for target in cfg.lora.target_modules:
+        if target == "all-linear":
+            continue
+        if target not in leaves and target not in module_names:
+            hint = difflib.get_close_matches(target, sorted(leaves), n=1)
+            linear = sorted({n.rsplit(".", 1)[-1] for n in module_names
+                             if n.endswith("proj") or "dense" in n or "fc" in n})
+            p.append(
+                f"lora.target_modules has '{target}', which this model does not have"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; its linear layers include: {', '.join(linear)}"
+            )
+    for name in cfg.lora.modules_to_save:
+        if name not in leaves and name not in module_names:
+            p.append(f"lora.modules_to_save has '{name}', which this model does not have")
+    return p
+
+
+def random_init_problems(cfg: Config) -> list[str]:
+    """With random_init, the model built is model.architecture; a local name_or_path must be that kind of model.
+
+    (A name_or_path differing from the architecture's own model, model.architecture_of, is refused by
+    ModelConfig.problems; this catches a local folder of another kind when no architecture_of is set.)
+    """
+    m = cfg.model
+    config_file = Path(m.name_or_path) / "config.json"
+    if not (m.random_init and m.architecture and config_file.is_file()):
+        return []
+    built_type = m.architecture.get("model_type")
+    try:
+        named_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return []
+    if named_type and named_type != built_type:
+        return [f"model.random_init=true builds model.architecture ({built_type}), but model.name_or_path="
+                f"{m.name_or_path} is a {named_type} model: add model.architecture=null to build {named_type} "
+                "shapes from its config.json, or point model.name_or_path at the architecture's model"]
+    return []
+
+
+def output_dir_problems(run_dir: Path) -> list[str]:
+    """Whether the run folder can be created and written: not a file, not under one, writable, not full.
+
+    Writes (and removes) a small probe file in the folder or its nearest existing parent.
+    """
+    run_dir = Path(run_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        return [f"output_dir={run_dir} is a file, not a folder: pass another output_dir=..."]
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"output_dir={run_dir} is under {existing}, which is a file: pass another output_dir=..."]
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".finetune-write-probe-", dir=existing)
+    except OSError as e:
+        return [_write_problem(run_dir, existing, e)]
+    try:
+        os.write(fd, b"\0" * PROBE_BYTES)
+        os.fsync(fd)
+    except OSError as e:
+        return [_write_problem(run_dir, existing, e)]
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    return []
+
+
+def _write_problem(run_dir: Path, existing: Path, e: OSError) -> str:
+    where = f"output_dir={run_dir}" + (f" (its parent {existing})" if existing != run_dir else "")
+    if e.errno == errno.EROFS:
+        return f"{where} is on a read-only filesystem: pass an output_dir=... on a writable disk"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where} is on a full disk (or over quota): free space there or pass another output_dir=..."
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"{where} is not writable by this user: fix its permissions or pass another output_dir=..."
+    return f"{where} cannot be written ({e.strerror or e}): pass another output_dir=..."
+
+
+def run_dir_problems(cfg: Config, run_dir: Path) -> tuple[list[str], Optional[Path]]:
+    """What the run already in `run_dir` allows, and the checkpoint to resume from (None for a new run)."""
+    from finetune.atomic import CheckpointError
+    from finetune.checkpoint import find_latest_complete, resolve_resume
+
+    problems: list[str] = []
+    resume_from = None
+    if cfg.train.resume:
+        try:
+            resume_from = resolve_resume(cfg.train.resume, run_dir)
+            problems += resume_problems(resume_from, cfg, run_dir)
+        except CheckpointError as e:
+            problems.append(str(e))
+    elif not run_dir.is_dir():
+        pass
+    elif (run_dir / "adapter").exists():
+        problems.append(f"output_dir {run_dir} already holds a finished run; pass another output_dir=..., remove it, "
+                        "or add train.resume=auto to train it further (with a larger train.max_steps)")
+    elif find_latest_complete(run_dir)[0] is not None:
+        problems.append(f"output_dir {run_dir} holds the checkpoints of an interrupted run: go on with it with "
+                        "train.resume=auto, or pass another output_dir=...")
+    return problems, resume_from
+
+
+def resume_problems(checkpoint: Path, cfg: Config, run_dir: Path) -> list[str]:
+    """Why resuming from `checkpoint` into `run_dir` makes no sense (what it was trained on is checked later)."""
+    from finetune.checkpoint import find_latest_complete
+
+    step = int(checkpoint.name.removeprefix("step-")) if checkpoint.name.startswith("step-") else None
+    latest, _ = find_latest_complete(run_dir)
+    problems = []
+    finished_at = _finished_step(run_dir)
+    if step is not None and finished_at is not None and step < finished_at:
+        problems.append(f"train.resume: the run in {run_dir} finished at step {finished_at}, but {checkpoint.name} "
+                        f"is older: going on from it would redo steps {step + 1}-{finished_at}. Resume into another "
+                        "output_dir")
+    elif step is not None and step >= cfg.train.max_steps and finished_at is not None:
+        problems.append(f"train.resume: the run in {run_dir} already finished at step {step} "
+                        f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train it further")
+    elif step is not None and step > cfg.train.max_steps:
+        problems.append(f"train.resume: {checkpoint} is at step {step}, past train.max_steps={cfg.train.max_steps}")
+    if latest is not None and step is not None and latest.resolve() != checkpoint.resolve():
+        latest_step = int(latest.name.removeprefix("step-"))
+        if latest_step > step:
+            problems.append(
+                f"train.resume={cfg.train.resume}: {run_dir} already holds a later checkpoint ({latest.name}); going on "
+                "from an older one would mix two histories in one folder. Resume into another output_dir"
+            )
+    return problems
+
+
+def _finished_step(run_dir: Path) -> Optional[int]:
+    """The step the run in `run_dir` wrote its final adapter at, or None if it has not finished."""
+    from finetune.atomic import MANIFEST
+
+    try:
+        return int(json.loads((run_dir / "adapter" / MANIFEST).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None if not (run_dir / "adapter").exists() else 0
+
+
+def notes(cfg: Config) -> list[str]:
+    """What preflight adjusted rather than refused, to print once the launch is accepted."""
+    note = cfg.train.warmup_note()
+    return [note] if note else []
+
+
+def preflight(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None) -> tuple[str, Optional[Path]]:
+    """Every check that needs no weights, before any weights load; raises one ConfigError with all problems.
+
+    Returns where the weights come from, and the checkpoint to resume from (None for a new run).
+    """
+    import torch
+    from accelerate import PartialState
+
+    from finetune.source import default_cache_dir, resolve_model_source
+
+    run_dir = Path(run_dir)
+    cuda = torch.cuda.is_available()
+    problems = config_problems(cfg, cuda_available=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+    problems += output_dir_problems(run_dir)
+    run_problems, resume_from = run_dir_problems(cfg, run_dir)
+    problems += run_problems
+    mislabelled = random_init_problems(cfg)
+    problems += mislabelled
+    source = cfg.model.name_or_path
+    if not mislabelled and not cfg.model.problems():  # a model in doubt is not resolved (random_init builds it)
+        try:
+            # Only the main process converts or builds a cached model; the others wait and reuse it.
+            with PartialState().main_process_first():
+                source = resolve_model_source(cfg.model, cache_dir or default_cache_dir(), seed=cfg.train.seed)
+            problems += model_problems(cfg, source, cuda_available=cuda)
+        except (OSError, ValueError, RuntimeError) as e:
+            problems.append(f"model.name_or_path={cfg.model.name_or_path!r} could not be read: {e}")
+    if problems:
+        raise ConfigError(problems)
+    if PartialState().is_main_process:
+        for note in notes(cfg):
+            print(f"[finetune] {note}", flush=True)
+    return source, resume_from
