@@ -117,11 +117,14 @@ def run(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None):
     """Validate, record the resolved config in the run folder, and train; returns the RunResult."""
     from finetune.checkpoint import disk_errors, write_json_atomic
     from finetune.loop import train
+    from finetune.runlock import RunLock
 
     run_dir = Path(run_dir)
-    source, resume_from = validate(cfg, run_dir, cache_dir)
-    if PartialState().is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with disk_errors("config.json", run_dir):
-            write_json_atomic(run_dir / "config.json", OmegaConf.to_container(OmegaConf.structured(cfg)))
-    return train(cfg, source, run_dir, resume_from)
+    # One run per folder: the lock comes before reading the folder's state or writing into it.
+    with RunLock(run_dir, main_process=PartialState().is_main_process):
+        source, resume_from = validate(cfg, run_dir, cache_dir)
+        if PartialState().is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with disk_errors("config.json", run_dir):
+                write_json_atomic(run_dir / "config.json", OmegaConf.to_container(OmegaConf.structured(cfg)))
+        return train(cfg, source, run_dir, resume_from)
