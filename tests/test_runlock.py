@@ -131,15 +131,18 @@ def test_racing_takers_of_a_stale_lock_one_wins(tmp_path):
 
 
 def lock_holder(run_dir: Path, runs: list[LiveCli], timeout: float = 300) -> int:
-    """The pid in the run's lock once a run has taken it and written its record."""
+    """The pid of the run that holds the lock, once one of `runs` has taken it and written its record."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            return json.loads((run_dir / LOCK_NAME).read_text())["pid"]
+            pid = json.loads((run_dir / LOCK_NAME).read_text())["pid"]
+            if pid in [r.process.pid for r in runs]:
+                return pid
         except (OSError, ValueError, KeyError):
-            if all(r.process.poll() is not None for r in runs):
-                raise AssertionError("every run ended before taking the lock:\n" + runs[0].stderr[-3000:]) from None
-            time.sleep(0.01)
+            pass
+        if all(r.process.poll() is not None for r in runs):
+            raise AssertionError("every run ended before taking the lock:\n" + runs[0].stderr[-3000:])
+        time.sleep(0.01)
     raise AssertionError("no run took the lock")
 
 
