@@ -250,7 +250,7 @@ def _json_file_rows(path: Path) -> Iterator[dict[str, Any]]:
         for number, line in lines:
             if line.strip():
                 try:
-                    yield _object(path, number, _parse_json(line))
+                    yield _object(path, number, _parse_json(line.strip()))
                 except json.JSONDecodeError as e:
                     raise _json_error(path, e, number) from e
         return
