@@ -297,11 +297,21 @@ def _csv_file_rows(path: Path) -> Iterator[dict[str, Any]]:
         raise DataError(f"{path}, line {where[0]}: not valid CSV ({e})") from e
 
 
-def _file_rows(files: list[str], stamps: list[tuple[int, int]], source: str) -> Iterator[dict[str, Any]]:
-    """Dataset.from_generator's generator; `stamps` and `source` only key its cache to the files and this code."""
+def _file_rows(
+    files: list[str], stamps: list[tuple[int, int]], source: str, json_columns: tuple[str, ...] = ()
+) -> Iterator[dict[str, Any]]:
+    """Dataset.from_generator's generator; `stamps` and `source` only key its cache to the files and this code.
+
+    Values of `json_columns` are handed over as JSON text: datasets' Json feature would parse a plain
+    string that looks like JSON ("7", "null") into a number or None.
+    """
     for file in files:
         path = Path(file)
-        yield from (_csv_file_rows(path) if path.suffix == ".csv" else _json_file_rows(path))
+        for row in _csv_file_rows(path) if path.suffix == ".csv" else _json_file_rows(path):
+            for key in json_columns:
+                if row.get(key) is not None:
+                    row[key] = json.dumps(row[key])
+            yield row
 
 
 def _read_text_files(files: list[str]) -> datasets.Dataset:
@@ -317,8 +327,11 @@ def _read_text_files(files: list[str]) -> datasets.Dataset:
     features = datasets.Features(
         {k: datasets.Json() if is_nested else datasets.Value("string") for k, is_nested in nested.items()}
     )
+    json_columns = tuple(k for k, is_nested in nested.items() if is_nested)
     return datasets.Dataset.from_generator(
-        _file_rows, features=features, gen_kwargs={"files": files, "stamps": stamps, "source": _SOURCE_HASH}
+        _file_rows,
+        features=features,
+        gen_kwargs={"files": files, "stamps": stamps, "source": _SOURCE_HASH, "json_columns": json_columns},
     )
 
 

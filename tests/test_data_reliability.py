@@ -85,6 +85,17 @@ def test_numbers_in_chat_content_and_csv_columns_become_text(tok, tmp_path):
         "NA" + EOS]
 
 
+def test_strings_stay_strings_in_a_column_that_also_holds_lists(tok, tmp_path):
+    # A list in one row makes the column JSON-typed; its strings must not be parsed as JSON there.
+    outputs = ["7", "null", "1.50", "true", ["a", "list"]]
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"instruction": f"q{i}", "output": o})
+                                              for i, o in enumerate(outputs)])
+    data = build_datasets(DataConfig(path=path, format="instruction"), tok, seed=0)
+    assert (data.report.rows, data.report.kept) == (5, 4), data.report.lines()
+    answers = sorted(targets(tok, labels).removesuffix(EOS) for labels in data.train["labels"])
+    assert answers == sorted(["7", "null", "1.50", "true"])
+
+
 def test_drops_are_counted_by_reason_with_an_example_row(tok, tmp_path):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
     rows[4]["output"] = ""
