@@ -318,11 +318,14 @@ def _read_text_files(files: list[str]) -> datasets.Dataset:
     """One split from JSON/JSON lines/CSV files, every field as the text the user wrote."""
     stamps = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     nested: dict[str, bool] = {}  # column -> holds a list or dict somewhere (messages)
+    rows = 0
     for row in _file_rows(files, stamps, _SOURCE_HASH):
+        rows += 1
         for key, value in row.items():
             nested[key] = nested.get(key, False) or isinstance(value, (list, dict))
     if not nested:
-        raise DataError(f"{', '.join(files)}: no rows (only empty objects)")
+        what = "no rows" if not rows else f"{rows} rows, all empty objects"
+        raise DataError(f"{', '.join(files)}: {what}; nothing to train on")
     # Text columns are strings; nested ones stay JSON, so messages keep whatever keys each one has.
     features = datasets.Features(
         {k: datasets.Json() if is_nested else datasets.Value("string") for k, is_nested in nested.items()}
