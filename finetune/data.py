@@ -297,14 +297,9 @@ def _csv_file_rows(path: Path) -> Iterator[dict[str, Any]]:
         raise DataError(f"{path}, line {where[0]}: not valid CSV ({e})") from e
 
 
-def _file_rows(
-    files: list[str], stamps: list[tuple[int, int]], source: str, json_columns: tuple[str, ...] = ()
-) -> Iterator[dict[str, Any]]:
-    """Dataset.from_generator's generator; `stamps` and `source` only key its cache to the files and this code.
-
-    Values of `json_columns` are handed over as JSON text: datasets' Json feature would parse a plain
-    string that looks like JSON ("7", "null") into a number or None.
-    """
+def _file_rows(files: list[str], json_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """The rows of `files` in order. Values of `json_columns` come as JSON text: datasets' Json
+    feature would parse a plain string that looks like JSON ("7", "null") into a number or None."""
     for file in files:
         path = Path(file)
         for row in _csv_file_rows(path) if path.suffix == ".csv" else _json_file_rows(path):
@@ -314,15 +309,28 @@ def _file_rows(
             yield row
 
 
+_ARROW_CHUNK_ROWS = 10_000
+
+
 def _read_text_files(files: list[str]) -> datasets.Dataset:
-    """One split from JSON/JSON lines/CSV files, every field as the text the user wrote."""
-    stamps = [(os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    """One split from JSON/JSON lines/CSV files, every field as the text the user wrote.
+
+    The rows are written in chunks to an Arrow file in datasets' cache, keyed by the files' paths,
+    sizes and modification times and by this module's source, and memory-mapped from there.
+    """
+    import pyarrow as pa
+
+    stamps = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps([stamps, _SOURCE_HASH]).encode()).hexdigest()[:24]
+    cached = Path(datasets.config.HF_DATASETS_CACHE) / "finetune_text_files" / f"{key}.arrow"
+    if cached.is_file():
+        return datasets.Dataset.from_file(str(cached))
     nested: dict[str, bool] = {}  # column -> holds a list or dict somewhere (messages)
     rows = 0
-    for row in _file_rows(files, stamps, _SOURCE_HASH):
+    for row in _file_rows(files):
         rows += 1
-        for key, value in row.items():
-            nested[key] = nested.get(key, False) or isinstance(value, (list, dict))
+        for column, value in row.items():
+            nested[column] = nested.get(column, False) or isinstance(value, (list, dict))
     if not nested:
         what = "no rows" if not rows else f"{rows} rows, all empty objects"
         raise DataError(f"{', '.join(files)}: {what}; nothing to train on")
@@ -330,12 +338,23 @@ def _read_text_files(files: list[str]) -> datasets.Dataset:
     features = datasets.Features(
         {k: datasets.Json() if is_nested else datasets.Value("string") for k, is_nested in nested.items()}
     )
-    json_columns = tuple(k for k, is_nested in nested.items() if is_nested)
-    return datasets.Dataset.from_generator(
-        _file_rows,
-        features=features,
-        gen_kwargs={"files": files, "stamps": stamps, "source": _SOURCE_HASH, "json_columns": json_columns},
-    )
+    schema = features.arrow_schema
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    try:
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            chunk: list[dict[str, Any]] = []
+            for row in _file_rows(files, tuple(k for k, is_nested in nested.items() if is_nested)):
+                chunk.append(row)
+                if len(chunk) == _ARROW_CHUNK_ROWS:
+                    writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                    chunk = []
+            if chunk:
+                writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+        os.replace(partial, cached)  # whole or absent: a reader never maps a half-written file
+    finally:
+        partial.unlink(missing_ok=True)
+    return datasets.Dataset.from_file(str(cached))
 
 
 def _as_dict(loaded: Any) -> datasets.DatasetDict:
