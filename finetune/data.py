@@ -9,10 +9,13 @@ hide the EOS that teaches the model to stop.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
+import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,18 +75,14 @@ class DataReport:
     target_tokens: int
     packed_rows: int = 0  # with data.packing: the rows the train examples were packed into
     packed_fill: float = 0.0  # the share of those rows' token slots holding real tokens
+    drop_reasons: dict[str, tuple[int, str]] = field(default_factory=dict)  # why -> (rows, e.g. "row 17")
 
     def lines(self) -> list[str]:
         out = [
             f"data: {self.rows} rows read, {self.kept} kept ({self.train_rows} train, {self.eval_rows} eval)"
         ]
-        drops = [
-            (self.dropped_empty, "empty or invalid"),
-            (self.dropped_too_long, "longer than data.max_length"),
-            (self.dropped_no_target, "with no target tokens within data.max_length"),
-        ]
-        if any(n for n, _ in drops):
-            out.append("dropped: " + ", ".join(f"{n} {what}" for n, what in drops if n))
+        if self.drop_reasons:
+            out.append("dropped: " + ", ".join(_reason_lines(self.drop_reasons)))
         if self.truncated:
             out.append(f"truncated to data.max_length: {self.truncated} rows")
         share = self.target_tokens / self.train_tokens if self.train_tokens else 0.0
@@ -142,8 +141,8 @@ def _embedded_file(name: str) -> Path:
 
 def _load_local(path: Path) -> datasets.DatasetDict:
     if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES]
-        builders = {DATA_SUFFIXES[p.suffix] for p in files}
+        splits = _folder_splits(path)
+        builders = {DATA_SUFFIXES[Path(f).suffix] for files in splits.values() for f in files}
         if not builders:
             raise DataError(f"data.path={str(path)!r} is a folder with no .json/.jsonl/.csv/.parquet files")
         if len(builders) > 1:
@@ -151,8 +150,6 @@ def _load_local(path: Path) -> datasets.DatasetDict:
                 f"data.path={str(path)!r} mixes file types ({', '.join(sorted(builders))}); "
                 "keep one type per folder or point data.path at one file"
             )
-        # data_dir lets datasets infer splits from the file names (train.jsonl, test.jsonl, ...).
-        kwargs: dict[str, Any] = {"data_dir": str(path)}
         builder = builders.pop()
     else:
         if path.suffix not in DATA_SUFFIXES:
@@ -160,12 +157,204 @@ def _load_local(path: Path) -> datasets.DatasetDict:
                 f"data.path={str(path)!r} has an unsupported suffix {path.suffix!r}; "
                 f"use one of {', '.join(DATA_SUFFIXES)}"
             )
-        kwargs = {"data_files": str(path)}
+        splits = {"train": [str(path)]}
         builder = DATA_SUFFIXES[path.suffix]
+    if builder != "parquet":
+        return datasets.DatasetDict({name: _read_text_files(files) for name, files in splits.items()})
     try:
-        return _as_dict(datasets.load_dataset(builder, **kwargs))
-    except Exception as e:  # malformed JSON/CSV/parquet surfaces as several exception types
-        raise DataError(f"could not read {path} as {builder}: {type(e).__name__}: {e}") from e
+        return _as_dict(datasets.load_dataset("parquet", data_files=splits))
+    except Exception as e:  # a damaged parquet file surfaces as several exception types
+        raise DataError(f"could not read {path} as parquet: {type(e).__name__}: {e}") from e
+
+
+def _folder_splits(folder: Path) -> dict[str, list[str]]:
+    """The data files of `folder` by split, named as datasets names them (train.jsonl, test.jsonl, ...)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    except FileNotFoundError:  # datasets' EmptyDatasetError: no files at all
+        return {}
+    splits = {str(name): sorted(f for f in files if Path(f).suffix in DATA_SUFFIXES) for name, files in found.items()}
+    return {name: files for name, files in splits.items() if files}
+
+
+# ------------------------------------------------------------------------- reading JSON, JSON lines, CSV
+#
+# JSON and CSV files are read here, not by datasets' loaders: those type each column from its values,
+# so a JSON column mixing "61" and 61 turns into a JSON-typed column whose strings are decoded ("7",
+# "true", "null" become numbers, bools, None) and a CSV column of numbers becomes int64. Either way a
+# valid row reached the text checks as a non-string and was dropped. Here every scalar arrives as the
+# text the user wrote (numbers keep their spelling, true stays "true"); only missing or empty fields
+# are dropped later. Files are read twice, a line at a time (once for the columns, once for the
+# rows), so a large file is never held in memory.
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each line of `path`; invalid UTF-8 is a DataError naming the line."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+                ) from e
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _as_written(value: Any) -> Any:
+    """JSON true/false as their text; numbers are already text (see _parse_json)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return [_as_written(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_written(v) for k, v in value.items()}
+    return value
+
+
+def _parse_json(text: str) -> Any:
+    # Numbers and NaN/Infinity keep the spelling the user wrote: 1.50 stays "1.50", not 1.5.
+    return _as_written(json.loads(text, parse_int=str, parse_float=str, parse_constant=str))
+
+
+def _json_error(path: Path, e: json.JSONDecodeError, line: int | None = None) -> DataError:
+    return DataError(
+        f"{path}, line {line or e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+        "a .jsonl file holds one JSON object per line, a .json file one array of objects"
+    )
+
+
+def _object(path: Path, line: int, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string"}.get(type(value), "a scalar")
+        raise DataError(f"{path}, line {line}: {kind}, where each row must be a JSON object {{\"column\": value, ...}}")
+    return value
+
+
+def _json_file_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of a JSON lines file, or of a .json file holding one array of objects (or of columns)."""
+    lines = _utf8_lines(path)
+    first = next(((n, line) for n, line in lines if line.strip()), None)
+    if first is None:
+        raise DataError(f"{path} is empty: it holds no rows")
+    number, line = first
+    try:
+        row = _parse_json(line)
+    except json.JSONDecodeError:
+        row = None  # not one object per line: one JSON document over several lines
+    if isinstance(row, dict):
+        yield row
+        for number, line in lines:
+            if line.strip():
+                try:
+                    yield _object(path, number, _parse_json(line.strip()))
+                except json.JSONDecodeError as e:
+                    raise _json_error(path, e, number) from e
+        return
+    for _ in lines:  # check the rest of the file is UTF-8 too, naming the line if not
+        pass
+    try:
+        document = _parse_json(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise _json_error(path, e) from e
+    if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+        columns = list(document)  # {"column": [values...], ...}
+        yield from (dict(zip(columns, values, strict=False)) for values in zip(*document.values(), strict=False))
+    elif isinstance(document, list):
+        yield from (_object(path, number, row) for row in document)
+    else:
+        raise DataError(f"{path}: a JSON document that is neither an array of row objects nor a dict of columns")
+
+
+def _csv_file_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of a CSV file with a header line; every cell is text, an empty cell is empty text."""
+    numbered = _utf8_lines(path)
+    where = [0]
+
+    def text_lines() -> Iterator[str]:
+        for number, line in numbered:
+            where[0] = number
+            yield line
+
+    reader = csv.reader(text_lines())
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"{path} is empty: it holds no header line and no rows")
+    try:
+        for record in reader:
+            if not record:
+                continue  # a blank line
+            if len(record) > len(header):
+                raise DataError(
+                    f"{path}, line {where[0]}: {len(record)} fields, but the header names {len(header)}; "
+                    "quote fields that hold commas"
+                )
+            yield dict(zip(header, record, strict=False))
+    except csv.Error as e:
+        raise DataError(f"{path}, line {where[0]}: not valid CSV ({e})") from e
+
+
+def _file_rows(files: list[str], json_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """The rows of `files` in order. Values of `json_columns` come as JSON text: datasets' Json
+    feature would parse a plain string that looks like JSON ("7", "null") into a number or None."""
+    for file in files:
+        path = Path(file)
+        for row in _csv_file_rows(path) if path.suffix == ".csv" else _json_file_rows(path):
+            for key in json_columns:
+                if row.get(key) is not None:
+                    row[key] = json.dumps(row[key])
+            yield row
+
+
+_ARROW_CHUNK_ROWS = 10_000
+
+
+def _read_text_files(files: list[str]) -> datasets.Dataset:
+    """One split from JSON/JSON lines/CSV files, every field as the text the user wrote.
+
+    The rows are written in chunks to an Arrow file in datasets' cache, keyed by the files' paths,
+    sizes and modification times and by this module's source, and memory-mapped from there.
+    """
+    import pyarrow as pa
+
+    stamps = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps([stamps, _SOURCE_HASH]).encode()).hexdigest()[:24]
+    cached = Path(datasets.config.HF_DATASETS_CACHE) / "finetune_text_files" / f"{key}.arrow"
+    if cached.is_file():
+        return datasets.Dataset.from_file(str(cached))
+    nested: dict[str, bool] = {}  # column -> holds a list or dict somewhere (messages)
+    rows = 0
+    for row in _file_rows(files):
+        rows += 1
+        for column, value in row.items():
+            nested[column] = nested.get(column, False) or isinstance(value, (list, dict))
+    if not nested:
+        what = "no rows" if not rows else f"{rows} rows, all empty objects"
+        raise DataError(f"{', '.join(files)}: {what}; nothing to train on")
+    # Text columns are strings; nested ones stay JSON, so messages keep whatever keys each one has.
+    features = datasets.Features(
+        {k: datasets.Json() if is_nested else datasets.Value("string") for k, is_nested in nested.items()}
+    )
+    schema = features.arrow_schema
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    try:
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            chunk: list[dict[str, Any]] = []
+            for row in _file_rows(files, tuple(k for k, is_nested in nested.items() if is_nested)):
+                chunk.append(row)
+                if len(chunk) == _ARROW_CHUNK_ROWS:
+                    writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                    chunk = []
+            if chunk:
+                writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+        os.replace(partial, cached)  # whole or absent: a reader never maps a half-written file
+    finally:
+        partial.unlink(missing_ok=True)
+    return datasets.Dataset.from_file(str(cached))
 
 
 def _as_dict(loaded: Any) -> datasets.DatasetDict:
@@ -290,35 +479,37 @@ def encode_prompt(
 
 def _text(value: Any, field: str) -> str:
     if value is None:
-        raise _InvalidRow(f"'{field}' is missing")
+        raise _InvalidRow(f"a missing '{field}'")
+    if isinstance(value, bool):  # typed columns (parquet): a value is its text, as in JSON
+        value = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        value = str(value)
     if not isinstance(value, str):
-        raise _InvalidRow(f"'{field}' is {type(value).__name__}, expected text")
+        raise _InvalidRow(f"'{field}' of type {type(value).__name__}")
     if not value.strip():
-        raise _InvalidRow(f"'{field}' is empty")
+        raise _InvalidRow(f"an empty '{field}'")
     return value
 
 
 def _messages(value: Any, field: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
-        raise _InvalidRow(f"'{field}' is not a non-empty list of {{role, content}} messages")
+        raise _InvalidRow(f"'{field}' not a non-empty list of {{role, content}} messages")
     messages = []
-    for j, m in enumerate(value):
+    for m in value:
         if not isinstance(m, dict):
-            raise _InvalidRow(
-                f"message {j} of '{field}' is {type(m).__name__}, expected a {{role, content}} dict"
-            )
+            raise _InvalidRow(f"a message of '{field}' of type {type(m).__name__}, not a {{role, content}} dict")
         if not isinstance(m.get("role"), str) or not m["role"].strip():
-            raise _InvalidRow(f"message {j} of '{field}' has no 'role'")
+            raise _InvalidRow(f"a message of '{field}' with no 'role'")
+        if isinstance(m.get("content"), (int, float)):  # a typed column's number is its text
+            m = {**m, "content": _text(m["content"], "content")}
         if not isinstance(m.get("content"), str):
-            raise _InvalidRow(
-                f"message {j} of '{field}' has content of type {type(m.get('content')).__name__}"
-            )
+            raise _InvalidRow(f"a message of '{field}' with content of type {type(m.get('content')).__name__}")
         # Arrow gives every message every key seen in the column; drop the filled-in Nones.
         messages.append({k: v for k, v in m.items() if v is not None})
     if not any(m["content"].strip() for m in messages):
-        raise _InvalidRow(f"every message of '{field}' is empty")
+        raise _InvalidRow(f"every message of '{field}' empty")
     if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
-        raise _InvalidRow(f"an assistant message of '{field}' is empty")
+        raise _InvalidRow(f"an empty assistant message in '{field}'")
     return messages
 
 
@@ -409,8 +600,8 @@ class _Encoder:
             prompt = _text(row.get(s["prompt_field"]), s["prompt_field"])
             response = _text(row.get(s["response_field"]), s["response_field"])
             extra = row.get(s["input_field"]) if s["input_field"] else None
-            if extra is not None and not isinstance(extra, str):
-                raise _InvalidRow(f"'{s['input_field']}' is {type(extra).__name__}, expected text")
+            if extra is not None and not (isinstance(extra, str) and not extra.strip()):
+                extra = _text(extra, s["input_field"])  # optional: empty is fine, a list is not
             if extra and extra.strip():
                 prompt = f"{prompt}\n\n{extra}"
             if self.chat:
@@ -450,7 +641,7 @@ class _Encoder:
                 end = len(before) + (at + len(eos) if at >= 0 else len(turn.rstrip()))
                 spans.append((len(before), end))
         except TemplateError as e:  # templates raise on conversations they reject (roles not alternating)
-            raise _InvalidRow(f"the chat template rejected it: {e}") from e
+            raise _InvalidRow(f"a conversation the chat template rejected ({e})") from e
         return full, spans
 
     def _apply(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
@@ -474,6 +665,11 @@ class _Encoder:
 # ---------------------------------------------------------------------------------------------- building
 
 
+# How a drop that is not about the row's fields reads in the summary.
+_DROP_REASONS = {"too_long": "longer than data.max_length", "no_target": "with no target tokens within data.max_length"}
+_MAX_REASONS_SHOWN = 6
+
+
 @dataclass
 class _Counts:
     rows: int = 0
@@ -481,10 +677,24 @@ class _Counts:
     too_long: int = 0
     no_target: int = 0
     truncated: int = 0
+    reasons: dict[str, tuple[int, str]] = field(default_factory=dict)  # why -> (rows, first one: "row 17")
 
     def add(self, other: _Counts) -> None:
-        for name in vars(self):
+        for name in ("rows", "empty", "too_long", "no_target", "truncated"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        for why, (n, example) in other.reasons.items():
+            before, first = self.reasons.get(why, (0, example))
+            self.reasons[why] = (before + n, first)
+
+
+def _reason_lines(reasons: dict[str, tuple[int, str]]) -> list[str]:
+    """'3 with an empty 'output' (e.g. row 17)', most frequent first."""
+    ranked = sorted(reasons.items(), key=lambda item: -item[1][0])
+    out = [f"{n} {why} (e.g. {example})" for why, (n, example) in ranked[:_MAX_REASONS_SHOWN]]
+    if len(ranked) > _MAX_REASONS_SHOWN:
+        rest = ranked[_MAX_REASONS_SHOWN:]
+        out.append(f"{sum(n for _, (n, _) in rest)} for {len(rest)} other reasons")
+    return out
 
 
 def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -495,23 +705,28 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def _encode(
-    ds: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, fmt: str, what: str
-) -> tuple[datasets.Dataset, _Counts, dict[str, str]]:
-    """Tokenize and label `ds`, drop the rows that cannot be trained on, and count them."""
+    ds: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, fmt: str, split: str, first: bool
+) -> tuple[datasets.Dataset, _Counts]:
+    """Tokenize and label `ds`, drop the rows that cannot be trained on, and count them by reason."""
     mapped = ds.map(
         _Encoder(cfg, tokenizer, fmt),
         batched=True,
         remove_columns=ds.column_names,
         features=_FEATURES,
         num_proc=cfg.num_proc,
-        desc=f"tokenizing {what}",
+        desc=f"tokenizing split {split!r}",
     )
     drops = Counter(mapped["_drop"])
-    examples: dict[str, str] = {}
+    reasons: dict[str, tuple[int, str]] = {}
     if len(drops) > 1 or "" not in drops:
-        for drop, why in zip(mapped["_drop"], mapped["_why"], strict=True):
-            if drop and drop not in examples:
-                examples[drop] = why
+        # Rows are numbered from 1 as they stand in the split (a .jsonl line, without blank lines).
+        where = "" if first else f" of split {split!r}"
+        for i, (drop, why) in enumerate(zip(mapped["_drop"], mapped["_why"], strict=True)):
+            if drop:
+                reason = f"with {why}" if drop == "empty" else _DROP_REASONS[drop]
+                detail = f", {why}" if drop == "too_long" else ""
+                n, example = reasons.get(reason, (0, f"row {i + 1}{where}{detail}"))
+                reasons[reason] = (n + 1, example)
     kept = mapped.filter(lambda drop: drop == "", input_columns="_drop", num_proc=cfg.num_proc)
     counts = _Counts(
         rows=len(ds),
@@ -519,31 +734,25 @@ def _encode(
         too_long=drops["too_long"],
         no_target=drops["no_target"],
         truncated=sum(kept["_truncated"]),
+        reasons=reasons,
     )
-    return kept, counts, examples
+    return kept, counts
 
 
-def _nothing_left(cfg: DataConfig, what: str, counts: _Counts, examples: dict[str, str]) -> DataError:
+def _nothing_left(cfg: DataConfig, split: str, counts: _Counts) -> DataError:
     if counts.rows == 0:
-        return DataError(f"{what} of {cfg.path} has no rows")
-    parts = []
+        return DataError(f"split {split!r} of {cfg.path} has no rows")
+    fixes = []
     if counts.empty:
-        parts.append(
-            f"{counts.empty} empty or invalid (e.g. {examples.get('empty')}); check the data.*_field "
-            "settings name the right columns"
-        )
+        fixes.append("check the data.*_field settings name the right columns")
     if counts.too_long:
-        parts.append(
-            f"{counts.too_long} longer than data.max_length={cfg.max_length} (e.g. "
-            f"{examples.get('too_long')}); raise data.max_length or set data.length_policy=truncate"
-        )
+        fixes.append(f"raise data.max_length={cfg.max_length} or set data.length_policy=truncate")
     if counts.no_target:
-        parts.append(
-            f"{counts.no_target} with no target tokens (the prompt fills data.max_length="
-            f"{cfg.max_length}, or there is no assistant turn); raise data.max_length"
-        )
+        fixes.append(f"raise data.max_length={cfg.max_length} (the prompt fills it) or add an assistant turn")
     return DataError(
-        f"all {counts.rows} rows of {what} of {cfg.path} were dropped:\n  - " + "\n  - ".join(parts)
+        f"all {counts.rows} rows of split {split!r} of {cfg.path} were dropped:\n  - "
+        + "\n  - ".join(_reason_lines(counts.reasons))
+        + "\n" + "; ".join(fixes)
     )
 
 
@@ -559,17 +768,15 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
             eval_raw = eval_raw.select(range(min(cfg.max_samples, len(eval_raw))))
     fmt = resolve_format(cfg, train_raw.column_names)
 
-    train, counts, examples = _encode(train_raw, cfg, tokenizer, fmt, f"split {cfg.split!r}")
+    train, counts = _encode(train_raw, cfg, tokenizer, fmt, cfg.split, first=True)
     if len(train) == 0:
-        raise _nothing_left(cfg, f"split {cfg.split!r}", counts, examples)
+        raise _nothing_left(cfg, cfg.split, counts)
     evaluation = None
     if eval_raw is not None:
         _require_columns(cfg, fmt, eval_raw.column_names, f"split {cfg.eval_split!r}")
-        evaluation, eval_counts, eval_examples = _encode(
-            eval_raw, cfg, tokenizer, fmt, f"split {cfg.eval_split!r}"
-        )
+        evaluation, eval_counts = _encode(eval_raw, cfg, tokenizer, fmt, cfg.eval_split, first=False)
         if len(evaluation) == 0:
-            raise _nothing_left(cfg, f"split {cfg.eval_split!r}", eval_counts, eval_examples)
+            raise _nothing_left(cfg, cfg.eval_split, eval_counts)
         counts.add(eval_counts)
     elif cfg.eval_fraction > 0:
         if len(train) < 2:
@@ -587,6 +794,7 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         dropped_too_long=counts.too_long,
         dropped_no_target=counts.no_target,
         truncated=counts.truncated,
+        drop_reasons=counts.reasons,
         train_rows=len(train),
         eval_rows=len(evaluation) if evaluation is not None else 0,
         train_tokens=sum(train["_n_tokens"]),

@@ -5,6 +5,8 @@ Shared by the CLI (`python -m finetune`) and Python callers (`finetune.run.compo
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +14,7 @@ from accelerate import PartialState
 from omegaconf import OmegaConf
 
 from finetune.config import Config, ConfigError, normalize_overrides, register_schema, type_hint
-from finetune.preflight import preflight
+from finetune.preflight import output_dir_problems, preflight
 
 RECIPES = str(Path(__file__).resolve().parent.parent / "recipes")
 
@@ -58,13 +60,50 @@ def composition_problem(e: Exception) -> str:
 
 def run(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None):
     """Preflight, record the resolved config in the run folder, and train; returns the RunResult."""
-    from finetune.atomic import disk_errors, write_json_atomic
+    from finetune.atomic import disk_errors, remove_stale_staging, write_json_atomic
     from finetune.loop import train
 
     run_dir = Path(run_dir)
-    source, resume_from = preflight(cfg, run_dir, cache_dir)
-    if PartialState().is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with disk_errors("config.json", run_dir):
-            write_json_atomic(run_dir / "config.json", OmegaConf.to_container(OmegaConf.structured(cfg)))
-    return train(cfg, source, run_dir, resume_from)
+    problems = output_dir_problems(run_dir)
+    if problems:  # a folder that cannot hold the lock (a file, read-only, full): said with every other problem
+        preflight(cfg, run_dir, cache_dir)
+        raise ConfigError(problems)
+    is_main = PartialState().is_main_process
+    with locked_run_folder(run_dir):
+        source, resume_from = preflight(cfg, run_dir, cache_dir)
+        if is_main:
+            # Accepted: now the folder may change. Staging folders of writers that died (a kill
+            # during a save) would otherwise stay forever, as large as what they held.
+            for leftover in remove_stale_staging(run_dir) + remove_stale_staging(run_dir / "checkpoints"):
+                print(f"[finetune] removed {leftover}, left by an interrupted save", flush=True)
+            with disk_errors("config.json", run_dir):
+                write_json_atomic(run_dir / "config.json", OmegaConf.to_container(OmegaConf.structured(cfg)))
+        return train(cfg, source, run_dir, resume_from)
+
+
+@contextlib.contextmanager
+def locked_run_folder(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock (one run per folder) for the launch; every process learns if it was refused.
+
+    Only the main process takes the lock; a refusal is sent to the others, which would otherwise go
+    on and wait forever for the main process in the first collective.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    from finetune.runlock import RunLock
+
+    state = PartialState()
+    lock = RunLock(run_dir, main_process=state.is_main_process)
+    refusal: list = [None]
+    try:
+        lock.acquire()
+    except ConfigError as e:
+        refusal = [e.problems]
+    if state.num_processes > 1:
+        broadcast_object_list(refusal, from_process=0)
+    if refusal[0] is not None:
+        raise ConfigError(refusal[0])
+    try:
+        yield
+    finally:
+        lock.release()

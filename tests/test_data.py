@@ -333,12 +333,12 @@ def test_invalid_rows_are_dropped_and_counted(tok, tmp_path):
         {"instruction": "   \n", "output": "a"},
         {"instruction": "q"},  # missing response
         {"instruction": None, "output": "a"},
-        {"instruction": 7, "output": "a"},  # a number where text is expected
-        {"instruction": "q", "output": "a", "input": 3},
+        {"instruction": 7, "output": "a"},  # a number is its text: kept
+        {"instruction": "q", "output": "a", "input": 3},  # kept
     ]
     data = build_datasets(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows)), tok, seed=0)
     r = data.report
-    assert (r.rows, r.kept, r.dropped_empty, r.dropped_too_long, r.dropped_no_target) == (7, 1, 6, 0, 0)
+    assert (r.rows, r.kept, r.dropped_empty, r.dropped_too_long, r.dropped_no_target) == (7, 3, 4, 0, 0)
     assert targets(tok, data.train[0]["labels"]) == "good" + EOS
 
 
@@ -361,7 +361,9 @@ def test_nothing_left_raises_with_counts(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": ""}, {"text": "  "}, {"text": None}])
     with pytest.raises(DataError) as err:
         build_datasets(DataConfig(path=path), tok, seed=0)
-    assert "all 3 rows" in str(err.value) and "3 empty or invalid" in str(err.value)
+    assert "all 3 rows" in str(err.value)
+    assert "2 with an empty 'text' (e.g. row 1)" in str(err.value)
+    assert "1 with a missing 'text' (e.g. row 3)" in str(err.value)
 
 
 def test_max_samples_takes_the_first_rows(tok, tmp_path):

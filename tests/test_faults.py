@@ -64,7 +64,7 @@ def messy_run(tiny_llama, no_pad_tokenizer, cache_dir, tmp_path_factory):
         {"instruction": "", "output": "empty prompt"},
         {"instruction": "   \n\t", "output": "whitespace prompt"},
         {"instruction": "no output field"},
-        {"instruction": 7, "output": "seven"},  # a number, not text
+        {"instruction": 7, "output": "seven"},  # a number is its text: kept
         {"instruction": "word " * 200, "output": "a prompt longer than data.max_length"},
     ]
     data = write_jsonl(root / "messy.jsonl", rows)
@@ -78,9 +78,10 @@ def test_messy_rows_are_dropped_and_counted_and_a_missing_pad_token_is_eos(messy
     _, out, result = messy_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert "data: 41 rows read, 36 kept" in result.stdout
-    # empty, whitespace-only, missing field, wrong type; the long prompt leaves no target token
-    assert "dropped: 4 empty or invalid, 1 with no target tokens within data.max_length" in result.stdout
+    assert "data: 41 rows read, 37 kept" in result.stdout
+    # empty, whitespace-only, missing field; the long prompt leaves no target token
+    assert ("dropped: 2 with an empty 'instruction' (e.g. row 37), 1 with a missing 'output' (e.g. row 39), "
+            "1 with no target tokens within data.max_length (e.g. row 41)") in result.stdout
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -102,7 +103,7 @@ def _no_special_tokens(tiny_llama: Path, folder: Path) -> Path:
 FAST_FAILURES = {
     # name: (extra overrides, data file ("good" or "bad"), messages)
     "dataset empty after filtering": ([], "bad", ["finetune data error: all 3 rows of split 'train'",
-                                                  "3 empty or invalid"]),
+                                                  "1 with 'output' of type list (e.g. row 3)"]),
     "smaller than one batch": (["train.batch_size=64"], "good", ["fewer than one global batch",
                                                                "lower train.batch_size or add data"]),
     "unknown config key": (["lora.rank=8"], "good", ["unknown config key 'lora.rank': did you mean 'lora.r'?"]),
