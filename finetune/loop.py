@@ -87,7 +87,7 @@ def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
 
 def build_scheduler(optimizer, t: TrainConfig):
     """The LR schedule, counted in optimizer steps."""
-    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps_for_run(), num_training_steps=t.max_steps)
 
 
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accelerator: Accelerator, params: list,

@@ -71,8 +71,8 @@ def _throughput_line(summary: dict) -> str:
     steady = summary.get("steady_tokens_per_s")
     rate = f"{summary['tokens_per_s']:,.0f} tokens/s"
     if steady:  # compiles, CUDA graph recording and cache warm-up are not the rate the run sustains
-        rate = (f"{steady:,.0f} tokens/s steady state, after {summary['warmup_steps']} warm-up step(s) of "
-                f"{summary['warmup_seconds']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s over every step)")
+        rate = (f"{steady:,.0f} tokens/s steady state, after {summary['compile_warmup_steps']} warm-up step(s) of "
+                f"{summary['compile_warmup_seconds']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s over every step)")
     return (f"throughput   {rate}; {summary['tokens']:,} tokens in {summary['train_seconds']:.1f} s of training, "
             f"{summary['wall_seconds']:.0f} s wall")
 
@@ -116,5 +116,5 @@ class Throughput:
 
     def summary(self) -> dict:
         n = self.warmup_steps()
-        return {"steady_tokens_per_s": self.steady_tokens_per_s(), "warmup_steps": n,
-                "warmup_seconds": sum(self.seconds[:n])}
+        return {"steady_tokens_per_s": self.steady_tokens_per_s(), "compile_warmup_steps": n,
+                "compile_warmup_seconds": sum(self.seconds[:n])}

@@ -219,7 +219,7 @@ def our_config(model_dir: str, overrides: list[str]):
     return compose([
         f"model.name_or_path={model_dir}", "quant=nf4", f"lora.r={LORA_R}", f"lora.alpha={LORA_ALPHA}",
         f"lora.dropout={LORA_DROPOUT}", "lora.target_modules=[all-linear]", "train.optimizer=paged_adamw_32bit",
-        f"train.lr={LR}", "train.lr_scheduler=constant", "train.warmup_steps=0", "train.max_steps=100000",
+        f"train.lr={LR}", "train.lr_scheduler=constant", "train.warmup_steps=0", "train.warmup_ratio=0", "train.max_steps=100000",
         "train.grad_accum=1", "train.gradient_checkpointing=true", "output_dir=/tmp/unused", *overrides,
     ])
 
