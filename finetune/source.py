@@ -8,7 +8,6 @@ check that needs the model's modules or shapes uses `meta_model`: a weightless c
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 from pathlib import Path
 from typing import Optional
@@ -80,11 +79,6 @@ def meta_model(source: str, m: ModelConfig, dtype: Optional[torch.dtype] = None)
 def module_names(source: str, m: ModelConfig) -> list[str]:
     """Module names of the model, read from a weightless (meta-device) copy: no weights load."""
     return [name for name, _ in meta_model(source, m).named_modules()]
-
-
-def accepts_position_ids(source: str, m: ModelConfig) -> bool:
-    """Whether the model's forward takes position ids, which packed rows need to keep examples apart."""
-    return "position_ids" in inspect.signature(type(meta_model(source, m)).forward).parameters
 
 
 def load_tokenizer(m: ModelConfig, source: str) -> PreTrainedTokenizerBase:
