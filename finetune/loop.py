@@ -202,6 +202,9 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     # checkpoint and adapter; a checkpoint of anything else is refused here, before the model loads.
     fingerprint = run_fingerprint(cfg, source, tokenizer, data.train, data.eval)
     changed = check_resumable(resume_from, fingerprint, cfg, accelerator.num_processes) if resume_from else []
+    if is_main:  # the launch is accepted: its resolved config becomes the run's record
+        with disk_errors("config.json", run_dir):
+            write_json_atomic(run_dir / "config.json", OmegaConf.to_container(OmegaConf.structured(cfg)))
 
     # 2. The frozen quantized base with LoRA adapters (and the speed settings) on top.
     model, footprint = build_model(cfg, source, device)

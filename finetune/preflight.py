@@ -211,6 +211,8 @@ def resume_problems(checkpoint: Path, cfg: Config, run_dir: Path) -> list[str]:
                         f"is older: going on from it would redo steps {step + 1}-{finished_at}. Resume into another "
                         "output_dir")
     elif step is not None and step >= cfg.train.max_steps and finished_at is not None:
+        if step == cfg.train.max_steps and _damaged_adapter(run_dir):
+            return problems  # a repair: the final adapter is written again from the last checkpoint
         problems.append(f"train.resume: the run in {run_dir} already finished at step {step} "
                         f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train it further")
     elif step is not None and step > cfg.train.max_steps:
@@ -223,6 +225,31 @@ def resume_problems(checkpoint: Path, cfg: Config, run_dir: Path) -> list[str]:
                 "from an older one would mix two histories in one folder. Resume into another output_dir"
             )
     return problems
+
+
+def _damaged_adapter(run_dir: Path) -> list[str]:
+    """What is wrong with the final adapter of the run in `run_dir` (empty if it is whole or absent)."""
+    from finetune.atomic import verify_directory
+
+    return verify_directory(run_dir / "adapter") if (run_dir / "adapter").exists() else []
+
+
+def resume_notes(cfg: Config, run_dir: Path, resume_from: Optional[Path]) -> list[str]:
+    """What a resume chose and why, said before it starts: newer checkpoints passed over, an adapter repaired."""
+    from finetune.checkpoint import find_latest_complete
+
+    if resume_from is None:
+        return []
+    notes = []
+    if cfg.train.resume == "auto" or (Path(cfg.train.resume) / "checkpoints").is_dir():
+        _, passed_over = find_latest_complete(run_dir if cfg.train.resume == "auto" else Path(cfg.train.resume))
+        notes += [f"train.resume={cfg.train.resume}: skipped {line}; resuming from {resume_from.name} instead"
+                  for line in passed_over]
+    damaged = _damaged_adapter(run_dir)
+    if damaged and resume_from.name == f"step-{cfg.train.max_steps:06d}":
+        notes.append(f"the final adapter of {run_dir} is damaged ({damaged[0]}): writing it again from "
+                     f"{resume_from.name}, the run's last step")
+    return notes
 
 
 def _finished_step(run_dir: Path) -> Optional[int]:
@@ -271,6 +298,6 @@ def preflight(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None) -> t
     if problems:
         raise ConfigError(problems)
     if PartialState().is_main_process:
-        for note in notes(cfg):
+        for note in notes(cfg) + resume_notes(cfg, run_dir, resume_from):
             print(f"[finetune] {note}", flush=True)
     return source, resume_from

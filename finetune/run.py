@@ -59,8 +59,8 @@ def composition_problem(e: Exception) -> str:
 
 
 def run(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None):
-    """Preflight, record the resolved config in the run folder, and train; returns the RunResult."""
-    from finetune.atomic import disk_errors, remove_stale_staging, write_json_atomic
+    """Take the run folder, preflight, and train; returns the RunResult."""
+    from finetune.atomic import remove_stale_staging
     from finetune.loop import train
 
     run_dir = Path(run_dir)
@@ -76,8 +76,6 @@ def run(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None):
             # during a save) would otherwise stay forever, as large as what they held.
             for leftover in remove_stale_staging(run_dir) + remove_stale_staging(run_dir / "checkpoints"):
                 print(f"[finetune] removed {leftover}, left by an interrupted save", flush=True)
-            with disk_errors("config.json", run_dir):
-                write_json_atomic(run_dir / "config.json", OmegaConf.to_container(OmegaConf.structured(cfg)))
         return train(cfg, source, run_dir, resume_from)
 
 
