@@ -365,6 +365,9 @@ class SpeedConfig:
     """With speed.compile on a GPU: replay each compiled block as a CUDA graph, so the GPU does not wait
     on the CPU launching kernels. Every batch is padded to data.max_length (each new width would record
     new graphs). Needs train.grad_accum=1."""
+    width_buckets: int = 4
+    """With speed.compile: batches are padded to one of this many widths, evenly spaced up to
+    data.max_length (multiples of 128), since each width compiles once; 1 pads every batch to max_length."""
 
     def problems(self) -> list[str]:
         p = []
@@ -374,6 +377,8 @@ class SpeedConfig:
             p.append("speed.cuda_graphs=true replays compiled blocks; set speed.compile=true as well")
         if self.loss_chunk_size < 0:
             p.append(f"speed.loss_chunk_size must be >= 0, 0 turns the chunked loss off (got {self.loss_chunk_size})")
+        if self.width_buckets < 1:
+            p.append(f"speed.width_buckets must be at least 1 (got {self.width_buckets}); 4 is a good start")
         return p
 
 

@@ -814,16 +814,20 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
 
 
 class Collator:
-    """Right-pads a list of {input_ids, labels} rows into LongTensors; padded labels are IGNORE_INDEX."""
+    """Right-pads a list of {input_ids, labels} rows into LongTensors; padded labels are IGNORE_INDEX.
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, max_width: int | None = None):
+    `widths` (ascending) are the only widths a batch may have: it is padded to the smallest one that
+    holds its longest row (compiled blocks compile once per width). A row longer than all of them
+    keeps its own width; nothing is ever cut here.
+    """
+
+    def __init__(self, pad_token_id: int, widths: Sequence[int] | None = None):
         if pad_token_id is None:
             raise DataError("the collator needs a pad_token_id; tokenizers without one usually pad with eos")
-        if pad_to_multiple_of is not None and pad_to_multiple_of <= 0:
-            raise DataError(f"pad_to_multiple_of must be positive or None (got {pad_to_multiple_of})")
+        if widths is not None and (not widths or min(widths) <= 0):
+            raise DataError(f"widths must be positive batch widths or None (got {widths})")
         self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.max_width = max_width  # rounding up to the multiple never pads past this (data.max_length)
+        self.widths = sorted(widths) if widths else None
 
     def __call__(self, rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -833,9 +837,8 @@ class Collator:
             if len(r["labels"]) != n:
                 raise DataError(f"a row has {n} input_ids but {len(r['labels'])} labels")
         width = max(lengths)
-        if self.pad_to_multiple_of:
-            rounded = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-            width = max(width, min(rounded, self.max_width or rounded))
+        if self.widths:
+            width = next((w for w in self.widths if w >= width), width)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -36,7 +36,7 @@ from finetune.model import build_model, count_parameters
 from finetune.sampler import EpochBatches
 from finetune.signals import StopSignals
 from finetune.source import load_tokenizer
-from finetune.speed import batch_width_multiple
+from finetune.speed import batch_widths
 
 
 @dataclass
@@ -193,9 +193,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         raise ConfigError([f"the tokenizer of {cfg.model.tokenizer or cfg.model.name_or_path} cannot be used: {e}"]) from e
     with accelerator.main_process_first():
         data = build_datasets(cfg.data, tokenizer, seed=t.seed)
-    width_multiple = batch_width_multiple(cfg.speed.compile, cfg.data.packing or cfg.speed.cuda_graphs,
-                                          cfg.data.max_length)
-    collate = Collator(tokenizer.pad_token_id, pad_to_multiple_of=width_multiple, max_width=cfg.data.max_length)
+    collate = Collator(tokenizer.pad_token_id, widths=batch_widths(cfg.speed, cfg.data.packing, cfg.data.max_length))
     train_batches = EpochBatches(data.train, t.batch_size, collate, seed=t.seed,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
     # What the trained state depends on (base, quant, LoRA, tokenizer, data), recorded in every

@@ -115,7 +115,7 @@ def make_examples(n: int, seq: int, min_len: int, seed: int = 0) -> list[torch.T
 
 
 def make_batches(examples: list[torch.Tensor], batch: int, seq: int, packing: bool,
-                 pad_to_multiple_of: int | None = None) -> list[dict]:
+                 widths: list[int] | None = None) -> list[dict]:
     """Right-padded batches of `batch` examples, or of `batch` packed rows of at most `seq` tokens,
     through finetune's own collator and packer."""
     import datasets
@@ -126,7 +126,7 @@ def make_batches(examples: list[torch.Tensor], batch: int, seq: int, packing: bo
     rows = datasets.Dataset.from_list([{"input_ids": e.tolist(), "labels": e.tolist()} for e in examples])
     if packing:
         rows = pack(rows, seq)
-    collate = Collator(pad_token_id=0, pad_to_multiple_of=pad_to_multiple_of)
+    collate = Collator(pad_token_id=0, widths=widths)
     return [collate([rows[j] for j in range(i, i + batch)]) for i in range(0, len(rows) - batch + 1, batch)]
 
 
@@ -212,7 +212,7 @@ def _train_hf(model, batches: list[dict], batch: int) -> dict:
     return {"step_seconds": timer.times, "losses": timer.losses, "step_tokens": tokens}
 
 
-def our_config(model_dir: str, overrides: list[str]):
+def our_config(model_dir: str, overrides: list[str], seq: int):
     """Our side's config: the HF recipe's settings, then the run's overrides."""
     from finetune.run import compose
 
@@ -220,11 +220,12 @@ def our_config(model_dir: str, overrides: list[str]):
         f"model.name_or_path={model_dir}", "quant=nf4", f"lora.r={LORA_R}", f"lora.alpha={LORA_ALPHA}",
         f"lora.dropout={LORA_DROPOUT}", "lora.target_modules=[all-linear]", "train.optimizer=paged_adamw_32bit",
         f"train.lr={LR}", "train.lr_scheduler=constant", "train.warmup_steps=0", "train.warmup_ratio=0", "train.max_steps=100000",
-        "train.grad_accum=1", "train.gradient_checkpointing=true", "output_dir=/tmp/unused", *overrides,
+        "train.grad_accum=1", "train.gradient_checkpointing=true", f"data.max_length={seq}", "output_dir=/tmp/unused",
+        *overrides,
     ])
 
 
-def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overrides: list[str],
+def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overrides: list[str], seq: int,
                 profile: bool = False) -> None:
     """Our side: the model, optimizer and scheduler built as finetune.loop builds them, and each step
     timed through finetune.loop.train_step, the function the training loop calls."""
@@ -233,7 +234,7 @@ def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overr
     from finetune.loop import build_optimizer, build_scheduler, mixed_precision
     from finetune.model import build_model
 
-    cfg = our_config(model_dir, overrides)
+    cfg = our_config(model_dir, overrides, seq)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg))
     torch.manual_seed(0)
     model, _ = build_model(cfg, model_dir, accelerator.device)
@@ -305,25 +306,24 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
 
 
 def run_worker(args) -> None:
-    from finetune.speed import batch_width_multiple
+    from finetune.speed import batch_widths
 
-    packing = any(o == "data.packing=true" for o in args.override)
+    cfg = our_config(args.model_dir, args.override, args.seq)
+    packing = args.worker == "ours" and cfg.data.packing
     if args.max_seq:
         # one set per length, longest last: a row of fresh full-length examples per step
         batch_sets = [make_batches(make_examples(2 * args.batch, seq, seq), args.batch, seq, False)
                       for seq in args.max_seq]
     else:
-        # our side pads batch widths as finetune.loop does (compiled: multiples of 128; packed rows or
-        # CUDA graphs: --seq)
-        speed = our_config(args.model_dir, args.override).speed if args.worker == "ours" else None
-        multiple = batch_width_multiple(speed is not None and speed.compile,
-                                        packing or (speed is not None and speed.cuda_graphs), args.seq)
-        batch_sets = [make_batches(torch.load(args.rows), args.batch, args.seq, packing, multiple)]
+        # our side pads batch widths as finetune.loop does (compiled: speed.width_buckets widths; packed
+        # rows or CUDA graphs: --seq); the HF side pads each batch to its longest row, as its collator does
+        widths = batch_widths(cfg.speed, packing, args.seq) if args.worker == "ours" else None
+        batch_sets = [make_batches(torch.load(args.rows), args.batch, args.seq, packing, widths)]
     # each set's result goes to stdout as it is done (train_each)
     if args.worker == "hf":
         worker_hf(args.model_dir, batch_sets, args.batch)
     else:
-        worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.profile)
+        worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.seq, args.profile)
 
 
 # ----------------------------------------------------------------------------------------------

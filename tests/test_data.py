@@ -410,25 +410,33 @@ def test_collator_pads_right():
     assert all(t.dtype == torch.long for t in batch.values())
 
 
-def test_collator_pad_to_multiple_of():
-    batch = Collator(pad_token_id=0, pad_to_multiple_of=8)([{"input_ids": [1] * 9, "labels": [1] * 9}])
+def test_collator_pads_to_the_smallest_allowed_width():
+    collate = Collator(pad_token_id=0, widths=[16, 8])
+    batch = collate([{"input_ids": [1] * 9, "labels": [1] * 9}])
     assert batch["input_ids"].shape == (1, 16)
     assert batch["attention_mask"].sum().item() == 9
     assert (batch["labels"][0, 9:] == IGNORE_INDEX).all()
+    assert collate([{"input_ids": [1] * 5, "labels": [1] * 5}])["input_ids"].shape == (1, 8)
+    # longer than every allowed width: its own width, nothing cut
+    assert collate([{"input_ids": [1] * 20, "labels": [1] * 20}])["input_ids"].shape == (1, 20)
 
 
-def test_compiled_runs_pad_widths_to_a_few_values_never_past_max_length():
-    from finetune.speed import batch_width_multiple
+def test_compiled_runs_pad_to_a_few_widths_never_past_max_length():
+    from finetune.config import SpeedConfig
+    from finetune.speed import batch_widths
 
-    assert batch_width_multiple(False, True, 1000) is None  # uncompiled: the batch's own width
-    rows = [{"input_ids": [1] * 300, "labels": [1] * 300}]
-    by_128 = Collator(0, pad_to_multiple_of=batch_width_multiple(True, False, 1000), max_width=1000)
-    assert by_128(rows)["input_ids"].shape[1] == 384
-    # rounding up to a multiple of 128 would give 1024 > data.max_length
-    assert by_128([{"input_ids": [1] * 990, "labels": [1] * 990}])["input_ids"].shape[1] == 1000
+    assert batch_widths(SpeedConfig(compile=False), False, 2048) is None  # uncompiled: the batch's own width
+    assert batch_widths(SpeedConfig(compile=True), False, 2048) == [512, 1024, 1536, 2048]
+    # rounded up to multiples of 128, but never past data.max_length
+    assert batch_widths(SpeedConfig(compile=True), False, 1000) == [256, 512, 768, 1000]
+    assert batch_widths(SpeedConfig(compile=True, width_buckets=1), False, 2048) == [2048]
+    assert batch_widths(SpeedConfig(compile=True), False, 64) == [64]
     # packed rows and CUDA graphs: one width, data.max_length
-    one_width = Collator(0, pad_to_multiple_of=batch_width_multiple(True, True, 1000), max_width=1000)
-    assert one_width(rows)["input_ids"].shape[1] == 1000
+    assert batch_widths(SpeedConfig(compile=True), True, 1000) == [1000]
+    assert batch_widths(SpeedConfig(compile=True, cuda_graphs=True), False, 1000) == [1000]
+    collate = Collator(0, widths=batch_widths(SpeedConfig(compile=True), False, 1000))
+    widths = {collate([{"input_ids": [1] * n, "labels": [1] * n}])["input_ids"].shape[1] for n in range(1, 1001, 7)}
+    assert widths == {256, 512, 768, 1000}
 
 
 # ----------------------------------------------------------------------------------- render_prompt

@@ -9,6 +9,6 @@ Each is tested on the CPU against the plain path (tests/test_loss.py, test_recom
 test_attention.py). `apply_speed` is the one call the model builder makes.
 """
 
-from finetune.speed.compile import apply_speed, batch_width_multiple
+from finetune.speed.compile import apply_speed, batch_widths
 
-__all__ = ["apply_speed", "batch_width_multiple"]
+__all__ = ["apply_speed", "batch_widths"]

@@ -3,7 +3,7 @@
 Regional compilation: every repeated decoder block is compiled in place and shares one compiled
 graph per batch width. Compiled blocks compile for static shapes (a symbolic width fails in torch's
 partitioner for these checkpointed blocks, see docs/decisions.md), so batch widths are padded to a
-multiple of COMPILED_WIDTH_MULTIPLE to bound the number of compiles.
+few fixed widths (batch_widths) to bound the number of compiles.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def apply_speed(model, speed: SpeedConfig, max_length: int) -> None:
     """Apply the speed settings to a model ready for training (LoRA attached, checkpointing on)."""
     keep_activations_of_last_blocks(model, speed.blocks_without_checkpointing)
     if speed.compile:
-        compile_blocks(model, speed.cuda_graphs, max_length)
+        compile_blocks(model, speed.cuda_graphs, widths=len(batch_widths(speed, False, max_length)))
 
 
 def keep_activations_of_last_blocks(model, count: int) -> None:
@@ -60,20 +60,25 @@ def checkpointing_of(block) -> str:
     return "without checkpointing" if getattr(block, "finetune_without_checkpointing", False) else "none"
 
 
-def batch_width_multiple(compiled: bool, one_width: bool, max_length: int) -> Optional[int]:
-    """What batch widths are padded to a multiple of.
+def batch_widths(speed: SpeedConfig, packed: bool, max_length: int) -> Optional[list[int]]:
+    """The widths batches are padded to (None: each batch's own width).
 
-    Compiled blocks compile once per width: multiples of 128 tokens bound the compiles to
-    max_length / 128. With `one_width` (packed rows, or speed.cuda_graphs) every batch is padded to
-    max_length: packed rows are nearly full anyway and compile once, and CUDA graphs record one graph
-    instead of one per width.
+    Compiled blocks compile once per width, so a compiled run pads to speed.width_buckets widths,
+    evenly spaced multiples of 128 up to max_length: a short batch pays some padding, never a new
+    compile. Packed rows (nearly full anyway) and CUDA graphs (one graph, not one per width) take
+    max_length alone.
     """
-    if not compiled:
+    if not speed.compile:
         return None
-    return max_length if one_width else COMPILED_WIDTH_MULTIPLE
+    if packed or speed.cuda_graphs:
+        return [max_length]
+    steps = speed.width_buckets
+    rounded = {min(max_length, -(-max_length * k // steps // COMPILED_WIDTH_MULTIPLE) * COMPILED_WIDTH_MULTIPLE)
+               for k in range(1, steps + 1)}
+    return sorted(rounded | {max_length})
 
 
-def compile_blocks(model, cuda_graphs: bool = False, max_length: int = 2048) -> int:
+def compile_blocks(model, cuda_graphs: bool = False, widths: int = 16) -> int:
     """torch.compile each repeated decoder block in place; returns how many were compiled.
 
     In place (`Module.compile`), unlike accelerate's `compile_regions`, which rebuilds the modules and
@@ -81,7 +86,7 @@ def compile_blocks(model, cuda_graphs: bool = False, max_length: int = 2048) -> 
     compiled blocks (finetune.speed.recompute): checkpointed blocks recompute only what backward needs,
     the others keep their matmul and attention outputs only.
 
-    Dynamo's recompile limit is raised to hold every width, for training and evaluation, both kinds
+    Dynamo's recompile limit is raised to hold `widths` batch widths, for training and evaluation, both kinds
     of block, a short last batch, and batches with and without padding (SDPA gets no mask without
     padding); past the limit blocks would silently run eagerly.
     """
@@ -93,7 +98,6 @@ def compile_blocks(model, cuda_graphs: bool = False, max_length: int = 2048) -> 
     if without:
         ranks = {int(r) for c in getattr(model, "peft_config", {}).values() for r in [c.r, *c.rank_pattern.values()]}
         checkpoint_inside(without, keep=keep_matmul_outputs(frozenset(ranks)))
-    widths = -(-max_length // COMPILED_WIDTH_MULTIPLE)
     graphs = 2 * 2 * 2 * 2 * widths  # (training, evaluation) x kinds of block x (full, short batch) x (mask, none)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 2 * graphs)
