@@ -177,7 +177,7 @@ class LoraSettings:
         return p
 
 
-DATA_FORMATS = ("auto", "text", "instruction", "chat")
+DATA_FORMATS = ("auto", "text", "instruction", "chat", "preference")
 LENGTH_POLICIES = ("truncate", "drop")
 
 
@@ -197,7 +197,7 @@ class DataConfig:
     split: str = "train"
     """Split trained on."""
     format: str = "auto"
-    """text | instruction | chat | auto (guessed from the columns)."""
+    """text | instruction | chat | preference | auto (guessed from the columns)."""
     text_field: str = "text"
     """Column of plain text (format=text)."""
     prompt_field: str = "instruction"
@@ -208,6 +208,10 @@ class DataConfig:
     """Column of the answer trained on."""
     messages_field: str = "messages"
     """Column of chat messages (format=chat)."""
+    chosen_field: str = "chosen"
+    """format=preference: column of the preferred reply to the prompt in prompt_field (text or chat messages)."""
+    rejected_field: str = "rejected"
+    """format=preference: column of the dispreferred reply."""
     system_prompt: Optional[str] = None
     """System message put before every prompt."""
     prompt_template: Optional[str] = None
@@ -253,6 +257,7 @@ class DataConfig:
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+OBJECTIVES = ("sft", "dpo", "orpo")
 
 
 @dataclass
@@ -302,6 +307,18 @@ class TrainConfig:
     stop_after_steps: Optional[int] = None
     """Run at most this many steps in this launch, then checkpoint and exit 0 (time-boxed jobs,
     relaunched with train.resume=auto until the run finishes)."""
+    objective: str = "sft"
+    """sft: next-token loss on the targets; dpo, orpo: preference tuning on data.format=preference pairs."""
+    dpo_beta: float = 0.1
+    """dpo: how far the policy may move from the reference (higher: less)."""
+    dpo_label_smoothing: float = 0.0
+    """dpo: assumed share of pairs whose preference label is wrong, in [0, 0.5); 0 is plain DPO."""
+    dpo_loss: str = "sigmoid"
+    """dpo: sigmoid (DPO; cDPO with label smoothing) | robust (rDPO, unbiased under label noise)."""
+    dpo_reference_free: bool = False
+    """dpo: no reference model; the implicit reward is the policy's own log-probability."""
+    orpo_beta: float = 0.1
+    """orpo: weight (lambda) of the odds-ratio term beside the chosen replies' NLL."""
 
     def warmup_steps_for_run(self) -> int:
         """The warmup the scheduler gets: warmup_steps, or warmup_ratio of max_steps, shorter than the run."""
@@ -337,6 +354,14 @@ class TrainConfig:
         if self.keep_last < 1:
             p.append(f"train.keep_last must be at least 1 (got {self.keep_last}): a resumable run needs its latest "
                      "checkpoint")
+        p += one_of("train.objective", self.objective, OBJECTIVES)
+        p += one_of("train.dpo_loss", self.dpo_loss, ("sigmoid", "robust"))
+        if not self.dpo_beta > 0:
+            p.append(f"train.dpo_beta must be positive (got {self.dpo_beta}); 0.1 is usual")
+        if not 0.0 <= self.dpo_label_smoothing < 0.5:
+            p.append(f"train.dpo_label_smoothing must be in [0, 0.5) (got {self.dpo_label_smoothing})")
+        if not self.orpo_beta >= 0:
+            p.append(f"train.orpo_beta must be >= 0 (got {self.orpo_beta}); 0.1 is usual")
         if self.stop_after_steps is not None and self.stop_after_steps <= 0:
             p.append(f"train.stop_after_steps must be a positive integer or null (got {self.stop_after_steps})")
         if self.resume is not None and not str(self.resume).strip():

@@ -44,6 +44,8 @@ def config_problems(cfg: Config, *, cuda_available: bool, bf16_supported: bool) 
         p.append(f"train.optimizer={t.optimizer} pages optimizer state through CUDA memory; on the CPU use adamw "
                  "or adamw_8bit")
 
+    p += objective_problems(cfg)
+
     if s.compile and s.fp32_frozen and q.mode != "none":
         # Compiled blocks with fp32-upcast frozen norms gave NaN losses (docs/decisions.md).
         p.append("speed.compile=true with speed.fp32_frozen=true gave NaN losses in our GPU benchmark; "
@@ -57,6 +59,26 @@ def config_problems(cfg: Config, *, cuda_available: bool, bf16_supported: bool) 
         p.append(f"speed.cuda_graphs=true cannot accumulate gradients (train.grad_accum={t.grad_accum}): the next "
                  "micro-batch's graph replay overwrites them; set train.grad_accum=1 (and a larger "
                  "train.batch_size) or speed.cuda_graphs=false")
+    return p
+
+
+def objective_problems(cfg: Config) -> list[str]:
+    """train.objective against the data settings: preference objectives read chosen/rejected pairs."""
+    d, t = cfg.data, cfg.train
+    if t.objective == "sft":
+        if d.format == "preference":
+            return ["data.format=preference holds chosen/rejected pairs: set train.objective=dpo or train.objective=orpo"]
+        return []
+    if t.objective not in ("dpo", "orpo"):
+        return []  # TrainConfig.problems names it
+    p = []
+    if d.format not in ("preference", "auto"):
+        p.append(f"train.objective={t.objective} trains on chosen/rejected pairs, but data.format={d.format}: "
+                 "set data.format=preference and data.prompt_field / data.chosen_field / data.rejected_field")
+    if d.packing:
+        p.append(f"data.packing=true cannot pack chosen/rejected pairs (train.objective={t.objective}); set data.packing=false")
+    if d.train_on_prompt:
+        p.append(f"data.train_on_prompt=true has no meaning for train.objective={t.objective}: prompt tokens are never trained")
     return p
 
 
