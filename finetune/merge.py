@@ -153,7 +153,8 @@ def dequantized_weight(weight: torch.Tensor, quant) -> torch.Tensor:
 
     4-bit: the weight in the compute dtype is quantized with the recorded type, block size 64 and
     double quantization (bitsandbytes' Params4bit._quantize), and dequantized with its quant state.
-    8-bit: row-wise absmax int8 of the fp16 weight (Int8Params._quantize), times SCB / 127.
+    8-bit: row-wise absmax int8 of the fp16 weight (Int8Params._quantize), times SCB / 127; the weight
+    reaches fp16 through the compute dtype, as transformers loads it.
     """
     import bitsandbytes.functional as F
 
@@ -165,7 +166,8 @@ def dequantized_weight(weight: torch.Tensor, quant) -> torch.Tensor:
                                         quant_type=quant.mode, quant_storage=torch_dtype(quant.quant_storage))
         return F.dequantize_4bit(packed, state).float()
     if quant.mode == "int8":
-        cb, scb, _ = F.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+        w = weight.to(torch_dtype(quant.compute_dtype)).to(torch.float16).contiguous()
+        cb, scb, _ = F.int8_vectorwise_quant(w)
         return F.int8_vectorwise_dequant(cb, scb).float()
     raise MergeError(f"quant.mode={quant.mode} has no quantized weights; merge with base=original")
 
