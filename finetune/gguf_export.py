@@ -10,8 +10,9 @@ at a time (the writer's header is filled from shapes first), so memory stays abo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,7 +158,7 @@ def export_gguf(folder: Path, path: Path, gguf_type: str = "f16", *, log: Callab
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for f, name, gname, shape, qtype in plan:
+    for f, name, _gname, _shape, qtype in plan:
         with safe_open(str(f), framework="pt") as st:
             w = st.get_tensor(name)
         if permute and name.endswith("q_proj.weight"):

@@ -110,9 +110,9 @@ def test_merge_cli_writes_a_plain_transformers_folder_that_matches_the_adapter(t
     assert loaded.returncode == 0 and "OK torch.bfloat16" in loaded.stdout, loaded.stderr[-2000:]
 
     # Each merged weight is PEFT's own: the loaded 4-bit layer's weight + scaling * B @ A.
+    import bitsandbytes.functional as F
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file
-    import bitsandbytes.functional as F
 
     from finetune.model import load_adapter
 
