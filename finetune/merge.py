@@ -367,6 +367,7 @@ def merge_adapter(
     from finetune.config import default_cache_dir
     from finetune.model import resolve_model_source
     from finetune.parity import parity_report
+    from finetune.quant import saved_quantization
 
     started = time.perf_counter()
     out = Path(out)
@@ -377,11 +378,9 @@ def merge_adapter(
     manifest = read_adapter_manifest(adapter_dir)
     cfg = manifest.config
     source = resolve_model_source(cfg.model, cache_dir or default_cache_dir(), seed=cfg.train.seed)
-    from finetune.quant import saved_quantization
-
     if saved_quantization(source) is not None:
-        raise MergeError(f"the base at {source} was saved already quantized: the merge needs the 16-bit base it came "
-                         "from; pass its folder with base_source=... is not supported yet, merge from the original base")
+        raise MergeError(f"the base at {source} was saved already quantized (python -m finetune.quantize); the merge "
+                         "reads 16-bit weights: train the adapter on the 16-bit base folder it was quantized from")
     if base == "dequantized" and cfg.quant.mode == "none":
         raise MergeError("the adapter was trained on an unquantized base (quant.mode=none): use base=original")
     if format == "gguf":
