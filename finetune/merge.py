@@ -1,0 +1,544 @@
+"""`python -m finetune.merge adapter=RUN_DIR out=DIR`: merge a LoRA adapter into its base and export it.
+
+The merged weight of every adapted linear layer is `base + scale * B @ A`, computed in fp32, where
+`base` is either the dequantized 4-bit (or 8-bit) weight the adapter was trained against
+(`base=dequantized`, the default) or the original 16-bit weight (`base=original`). The base is
+streamed tensor by tensor from its safetensors files and the output is written in shards, so the
+peak memory is about one tensor in fp32 beyond the shard being written. Every merge ends with a
+parity report (finetune.parity) that compares the merged model with the adapter it came from.
+
+Keys: adapter (run or adapter folder), out (a new folder), base (dequantized | original), dtype
+(bfloat16 | float16 | float32; default: the run's compute dtype), format (hf | gguf), gguf_type
+(f16 | bf16 | q8_0), prompts (a text file, one prompt per line; default: the run's eval rows),
+parity_rows (8), max_shard_size (bytes or 2GB/500MB), push_to_hub (a repo id; needs the network).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+BASES = ("dequantized", "original")
+FORMATS = ("hf", "gguf")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_SHARD_BYTES = 2 * 10**9
+MERGED_KIND = "finetune-merged-model"
+KEYS = {
+    "adapter": None, "out": None, "base": "dequantized", "dtype": None, "format": "hf", "gguf_type": "f16",
+    "prompts": None, "parity_rows": "8", "max_shard_size": "2GB", "push_to_hub": None,
+}
+PEFT_PREFIX = "base_model.model."
+
+
+class MergeError(ValueError):
+    """A merge that cannot be done as asked; the message says how to fix it (exit 2)."""
+
+
+# ---------------------------------------------------------------------------------------- the adapter
+
+
+@dataclass
+class LoraDelta:
+    """One adapted linear layer: its LoRA matrices and PEFT's scaling of B @ A."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    fan_in_fan_out: bool = False
+
+    def delta(self) -> torch.Tensor:
+        """scale * B @ A in fp32, in the layout of the base weight (out_features, in_features)."""
+        d = (self.B.float() @ self.A.float()) * self.scale
+        return d.T if self.fan_in_fan_out else d
+
+
+@dataclass
+class AdapterParts:
+    """An adapter file split into LoRA deltas (by base weight name) and whole replaced tensors
+    (modules_to_save and trained biases, by base tensor name)."""
+
+    deltas: dict[str, LoraDelta]
+    replaced: dict[str, torch.Tensor]
+    config: dict[str, Any]
+
+
+def lora_scale(adapter_config: dict[str, Any], module: str, rank: int) -> float:
+    """PEFT's scaling for `module`: alpha / r, or alpha / sqrt(r) with use_rslora; per-module patterns apply."""
+    from peft.utils.other import get_pattern_key
+
+    alpha = adapter_config["lora_alpha"]
+    patterns = adapter_config.get("alpha_pattern") or {}
+    if patterns:
+        alpha = patterns.get(get_pattern_key(list(patterns), module), alpha)
+    return alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
+
+
+def _base_name(key: str) -> str:
+    """The base model's tensor name of an adapter-file key (PEFT's prefix and wrappers removed)."""
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
+
+
+def read_adapter_parts(adapter_dir: Path) -> AdapterParts:
+    """The adapter's tensors, grouped by the base weight each one changes."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    unsupported = [k for k in ("use_dora", "lora_bias", "use_qalora") if config.get(k)]
+    if config.get("peft_type") != "LORA" or unsupported:
+        raise MergeError(f"{adapter_dir} is a {config.get('peft_type')} adapter with {unsupported or 'no LoRA'}: "
+                         "only plain LoRA adapters (what finetune trains) can be merged here")
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    replaced: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        m = re.match(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if m:
+            pairs.setdefault(_base_name(m.group(1)), {})[m.group(2)] = value
+        elif ".lora_" in key:
+            raise MergeError(f"{adapter_dir}: adapter tensor {key} is of a kind this merge does not know")
+        else:
+            replaced[_base_name(key)] = value
+    deltas = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise MergeError(f"{adapter_dir}: {module} has lora_{next(iter(ab))} but not its partner; the adapter is incomplete")
+        deltas[f"{module}.weight"] = LoraDelta(ab["A"], ab["B"], lora_scale(config, module, ab["A"].shape[0]),
+                                               bool(config.get("fan_in_fan_out")))
+    return AdapterParts(deltas, replaced, config)
+
+
+# ------------------------------------------------------------------------------------ the 4-bit weights
+
+
+def quantized_linear_names(source: str, cfg) -> set[str]:
+    """Module names that transformers quantizes when it loads `source` with the run's quant settings.
+
+    The same rule as transformers' bitsandbytes quantizer: every plain nn.Linear except the modules
+    it keeps unquantized by default (output head, tied weights) or quant.int8_skip_modules, plus
+    the model's own keep-in-fp32 modules.
+    """
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from finetune.model import kept_unquantized_by_default, meta_model
+    from finetune.quant import build_bnb_config
+
+    if cfg.quant.mode not in ("nf4", "fp4", "int8"):
+        return set()
+    meta = meta_model(source, cfg.model)
+    keep = kept_unquantized_by_default(meta) if cfg.quant.int8_skip_modules else None
+    skip = build_bnb_config(cfg.quant, keep).llm_int8_skip_modules
+    not_convert = list(kept_unquantized_by_default(meta) if skip is None else skip)
+    not_convert += list(getattr(meta, "_keep_in_fp32_modules", None) or [])
+    return {
+        name for name, module in meta.named_modules()
+        if type(module) is torch.nn.Linear and should_convert_module(name, not_convert)
+    }
+
+
+def dequantized_weight(weight: torch.Tensor, quant) -> torch.Tensor:
+    """The weight the quantized layer computes with, in fp32: quantize as bitsandbytes does on load, then dequantize.
+
+    4-bit: the weight in the compute dtype is quantized with the recorded type, block size 64 and
+    double quantization (bitsandbytes' Params4bit._quantize), and dequantized with its quant state.
+    8-bit: row-wise absmax int8 of the fp16 weight (Int8Params._quantize), times SCB / 127; the weight
+    reaches fp16 through the compute dtype, as transformers loads it.
+    """
+    import bitsandbytes.functional as F
+
+    from finetune.quant import torch_dtype
+
+    if quant.mode in ("nf4", "fp4"):
+        w = weight.to(torch_dtype(quant.compute_dtype)).contiguous()
+        packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=quant.double_quant,
+                                        quant_type=quant.mode, quant_storage=torch_dtype(quant.quant_storage))
+        return F.dequantize_4bit(packed, state).float()
+    if quant.mode == "int8":
+        w = weight.to(torch_dtype(quant.compute_dtype)).to(torch.float16).contiguous()
+        cb, scb, _ = F.int8_vectorwise_quant(w)
+        return F.int8_vectorwise_dequant(cb, scb).float()
+    raise MergeError(f"quant.mode={quant.mode} has no quantized weights; merge with base=original")
+
+
+# --------------------------------------------------------------------------------- streaming the base
+
+
+def source_tensor_files(source: str) -> list[Path]:
+    """The safetensors files of a local base folder."""
+    folder = Path(source)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise MergeError(f"the base at {source} has no model.safetensors (or index): the merge reads local safetensors "
+                     "weights only; save the base with save_pretrained(safe_serialization=True)")
+
+
+def merged_tensors(
+    source: str,
+    parts: AdapterParts,
+    *,
+    base: str,
+    quant,
+    quantized: set[str],
+    dtype: torch.dtype,
+    scale: Optional[Callable[[str, LoraDelta], float]] = None,
+    skip_replaced: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, merged tensor in `dtype`) for every tensor of the base, one at a time.
+
+    `scale` and `skip_replaced` exist to plant merge bugs in tests (a wrong LoRA scaling, a merge
+    that forgets modules_to_save); the parity report must catch both.
+    """
+    from safetensors import safe_open
+
+    used_deltas, used_replaced = set(), set()
+    for path in source_tensor_files(source):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name in parts.replaced and not skip_replaced:
+                    used_replaced.add(name)
+                    yield name, parts.replaced[name].to(dtype)
+                    continue
+                tensor = f.get_tensor(name)
+                module = name.rsplit(".", 1)[0]
+                quantize = base == "dequantized" and name.endswith(".weight") and module in quantized
+                if quantize:
+                    tensor = dequantized_weight(tensor, quant)
+                if name in parts.deltas:
+                    used_deltas.add(name)
+                    d = parts.deltas[name]
+                    s = d.scale if scale is None else scale(name, d)
+                    tensor = tensor.float() + dataclasses.replace(d, scale=s).delta()
+                yield name, tensor.to(dtype)
+                del tensor
+    missing = (set(parts.deltas) - used_deltas) | (set() if skip_replaced else set(parts.replaced) - used_replaced)
+    tied_head = {n for n in missing if n in parts.replaced}
+    for name in sorted(tied_head):  # a replaced output head of a model with tied embeddings is written on its own
+        yield name, parts.replaced[name].to(dtype)
+    missing -= tied_head
+    if missing:
+        raise MergeError(f"the adapter changes {sorted(missing)[:3]} ({len(missing)} in all), which the base at {source} "
+                         "does not have: the adapter was trained on another model")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "2GB", "500MB", "64KB" or a plain number."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GB|MB|KB|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise MergeError(f"max_shard_size={text} is not a size; write e.g. max_shard_size=2GB or max_shard_size=500MB")
+    unit = {"gb": 10**9, "mb": 10**6, "kb": 10**3, "b": 1}[(m.group(2) or "b").lower()]
+    return int(float(m.group(1)) * unit)
+
+
+def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, max_shard_bytes: int) -> dict[str, Any]:
+    """Write tensors as safetensors shards of at most `max_shard_bytes` (one tensor per shard if larger)
+    and the index; returns {"shards", "bytes", "tensors"}."""
+    from safetensors.torch import save_file
+
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, written, files, weight_map = 0, 0, [], {}
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        name = f"shard-{len(files):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shard})
+        shard, shard_bytes = {}, 0
+
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+        shard[name] = tensor.contiguous()
+        shard_bytes += size
+        written += size
+    if shard:
+        flush()
+    # The standard names: model.safetensors alone, or model-0000i-of-0000n.safetensors with an index.
+    if len(files) == 1:
+        (folder / files[0]).rename(folder / "model.safetensors")
+    else:
+        final = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
+        for old, new in final.items():
+            (folder / old).rename(folder / new)
+        index = {"metadata": {"total_size": written}, "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return {"shards": len(files), "bytes": written, "tensors": len(weight_map)}
+
+
+# ------------------------------------------------------------------------------------ the merged folder
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    base: str
+    dtype: str
+    shards: int
+    bytes: int
+    seconds: float
+    peak_rss_gib: float
+    parity: dict[str, Any] = field(default_factory=dict)
+    gguf: Optional[Path] = None
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def write_model_files(folder: Path, source: str, cfg, dtype: torch.dtype, untie: bool) -> None:
+    """config.json (no quantization_config), generation config, tokenizer and chat template."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from finetune.model import load_tokenizer
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    if untie:  # the adapter replaced the output head, which no longer equals the embeddings
+        config.tie_word_embeddings = False
+    config.save_pretrained(folder)
+    try:
+        generation = GenerationConfig.from_pretrained(source)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(folder)
+    load_tokenizer(cfg.model, source).save_pretrained(folder)
+
+
+def model_card(manifest: dict[str, Any], cfg, base: str, dtype: str, parity: dict[str, Any]) -> str:
+    """README.md of the merged model: base, adapter, data, settings and parity figures."""
+    from finetune.quant import describe
+
+    lines = [
+        "---", "library_name: transformers", f"base_model: {manifest['base_model']}", "tags: [finetune, lora, merged]", "---",
+        "", f"# Merged LoRA model ({base} base)", "",
+        f"- base model: `{manifest['base_model']}` (weights from `{manifest['base_source']}`)",
+        f"- adapter: `{manifest['adapter_dir']}` (step {manifest.get('step')})",
+        f"- data: `{cfg.data.path}` (format {cfg.data.format})",
+        f"- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, rslora={cfg.lora.use_rslora}, targets={list(cfg.lora.target_modules)}, "
+        f"modules_to_save={list(cfg.lora.modules_to_save)}",
+        f"- trained on: {describe(cfg.quant)}",
+        f"- merge: base={base} (" + ("dequantized 4-bit/8-bit weights + LoRA delta: the model the adapter was trained against"
+                                     if base == "dequantized" else "original 16-bit weights + LoRA delta") + f"), written in {dtype}",
+        "", "## Parity (finetune.parity)", "", "```", parity.get("table", "(not run)"), "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def merge_adapter(
+    adapter: str | Path,
+    out: str | Path,
+    *,
+    base: str = "dequantized",
+    dtype: Optional[str] = None,
+    max_shard_size: int = DEFAULT_SHARD_BYTES,
+    format: str = "hf",
+    gguf_type: str = "f16",
+    prompts: Optional[list[str]] = None,
+    parity_rows: int = 8,
+    check_parity: bool = True,
+    cache_dir: Optional[Path] = None,
+    log: Callable[[str], None] = print,
+) -> MergeResult:
+    """Merge the adapter of a run (or adapter folder) into its base and write a transformers folder at `out`.
+
+    Raises MergeError for a merge that cannot be done and finetune.parity.ParityError when the
+    merged model does not answer like the adapter; `out` appears only when everything passed.
+    """
+    from finetune.checkpoint import atomic_directory, read_adapter_manifest, resolve_adapter_dir
+    from finetune.config import default_cache_dir
+    from finetune.model import resolve_model_source
+    from finetune.parity import parity_report
+    from finetune.quant import saved_quantization
+
+    started = time.perf_counter()
+    out = Path(out)
+    problems = arg_problems(base=base, dtype=dtype, format=format, gguf_type=gguf_type, out=out)
+    if problems:
+        raise MergeError("\n  ".join(problems))
+    adapter_dir = resolve_adapter_dir(Path(adapter))
+    manifest = read_adapter_manifest(adapter_dir)
+    cfg = manifest.config
+    source = resolve_model_source(cfg.model, cache_dir or default_cache_dir(), seed=cfg.train.seed)
+    if saved_quantization(source) is not None:
+        raise MergeError(f"the base at {source} was saved already quantized (python -m finetune.quantize); the merge "
+                         "reads 16-bit weights: train the adapter on the 16-bit base folder it was quantized from")
+    if base == "dequantized" and cfg.quant.mode == "none":
+        raise MergeError("the adapter was trained on an unquantized base (quant.mode=none): use base=original")
+    if format == "gguf":
+        from finetune.gguf_export import check_architecture
+
+        check_architecture(source)
+    dtype_name = dtype or (cfg.quant.compute_dtype if cfg.quant.compute_dtype in DTYPES else "bfloat16")
+    torch_dtype = DTYPES[dtype_name]
+    parts = read_adapter_parts(adapter_dir)
+    quantized = quantized_linear_names(source, cfg) if base == "dequantized" else set()
+    info = {**manifest.data, "adapter_dir": str(adapter_dir)}
+    record = {"kind": MERGED_KIND, "base": base, "dtype": dtype_name, "adapter": str(adapter_dir),
+              "base_model": manifest.data["base_model"], "base_source": source}
+    with atomic_directory(out, record) as tmp:
+        log(f"[merge] merging {len(parts.deltas)} LoRA layers into {source} ({base} base, {dtype_name}) ...")
+        stats = write_shards(
+            merged_tensors(source, parts, base=base, quant=cfg.quant, quantized=quantized, dtype=torch_dtype),
+            tmp, max_shard_size,
+        )
+        untie = any(n.startswith("lm_head.") for n in parts.replaced)
+        write_model_files(tmp, source, cfg, torch_dtype, untie)
+        peak = peak_rss_gib()
+        log(f"[merge] wrote {stats['tensors']} tensors in {stats['shards']} shard(s), {stats['bytes'] / 2**20:,.1f} MiB; "
+            f"peak RSS {peak:.2f} GiB")
+        report: dict[str, Any] = {}
+        if check_parity:
+            report = parity_report(tmp, adapter_dir, cfg, source, base=base, prompts=prompts, rows=parity_rows, log=log)
+            (tmp / "parity.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2))
+        (tmp / "README.md").write_text(model_card(info, cfg, base, dtype_name, report))
+        gguf_path = None
+        if format == "gguf":
+            from finetune.gguf_export import export_gguf
+
+            gguf_path = export_gguf(tmp, tmp / f"model-{gguf_type}.gguf", gguf_type, log=log)
+        if report.get("failures"):
+            from finetune.parity import ParityError
+
+            # Kept beside `out` so the reason can be read; the model folder itself never appears.
+            failed = out.with_name(out.name + ".parity-failed.json")
+            failed.write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2))
+            raise ParityError(report["failures"], failed)
+    gguf_final = out / gguf_path.name if gguf_path else None
+    return MergeResult(out, base, dtype_name, stats["shards"], stats["bytes"], time.perf_counter() - started,
+                       peak, report, gguf_final)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def arg_problems(*, base: str, dtype: Optional[str], format: str, gguf_type: str, out: Path) -> list[str]:
+    """Everything wrong with the merge arguments, checked before any weights load."""
+    from finetune.gguf_export import GGUF_TYPES
+
+    p = []
+    if base not in BASES:
+        p.append(f"base={base} is not a merge target; use base=dequantized (the model the adapter was trained "
+                 "against, the default) or base=original (the 16-bit weights)")
+    if dtype is not None and dtype not in DTYPES:
+        p.append(f"dtype={dtype} is not one of {', '.join(DTYPES)}")
+    if format not in FORMATS:
+        p.append(f"format={format} is not one of {', '.join(FORMATS)}")
+    if gguf_type not in GGUF_TYPES:
+        p.append(f"gguf_type={gguf_type} is not one of {', '.join(GGUF_TYPES)}")
+    if out.exists():
+        p.append(f"out={out} already exists; the merge never overwrites: pick a new folder or delete that one")
+    return p
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    from finetune.config import suggest_key
+
+    values, problems = {k: v for k, v in KEYS.items() if v is not None}, []
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep:
+            problems.append(f"'{item}' is not key=value (keys: {', '.join(KEYS)})")
+        elif key not in KEYS:
+            hint = suggest_key(key, list(KEYS))
+            problems.append(f"unknown key '{key}'" + (f": did you mean '{hint}'?" if hint else f"; keys: {', '.join(KEYS)}"))
+        else:
+            values[key] = value
+    if "adapter" not in values:
+        problems.append("adapter=RUN_DIR is required (the run folder printed at the end of training)")
+    if "out" not in values:
+        problems.append("out=DIR is required (a new folder for the merged model)")
+    if not problems:
+        problems += arg_problems(base=values["base"], dtype=values.get("dtype"), format=values["format"],
+                                 gguf_type=values["gguf_type"], out=Path(values["out"]))
+        if not values["parity_rows"].isdigit() or int(values["parity_rows"]) < 1:
+            problems.append(f"parity_rows={values['parity_rows']} must be a positive whole number")
+        if "prompts" in values and not Path(values["prompts"]).is_file():
+            problems.append(f"prompts={values['prompts']} is not a file; give a text file with one prompt per line")
+        try:
+            parse_size(values["max_shard_size"])
+        except MergeError as e:
+            problems.append(str(e))
+    if problems:
+        fail(["bad arguments:", *problems])
+    return values
+
+
+def fail(lines: list[str]) -> None:
+    print("finetune.merge: " + "\n  ".join(lines), file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def push_problems(repo: str) -> list[str]:
+    """Whether the hub can be reached for `push_to_hub`, checked before any work is done."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false"):
+        return [f"push_to_hub={repo} needs the network but HF_HUB_OFFLINE is set: unset it, or leave push_to_hub "
+                "out and upload the folder later with `hf upload`"]
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().whoami()
+    except Exception as e:  # any failure to reach or authenticate means no push
+        return [f"push_to_hub={repo}: the hub cannot be reached or you are not logged in ({type(e).__name__}: "
+                f"{str(e)[:200]}); run `hf auth login` online, or leave push_to_hub out"]
+    return []
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from finetune.checkpoint import CheckpointError
+    from finetune.parity import ParityError
+
+    values = parse_args(sys.argv[1:] if argv is None else argv)
+    if "push_to_hub" in values and (problems := push_problems(values["push_to_hub"])):
+        fail(problems)
+    prompts = None
+    if "prompts" in values:
+        prompts = [line for line in Path(values["prompts"]).read_text().splitlines() if line.strip()]
+    try:
+        result = merge_adapter(
+            values["adapter"], values["out"], base=values["base"], dtype=values.get("dtype"),
+            max_shard_size=parse_size(values["max_shard_size"]), format=values["format"],
+            gguf_type=values["gguf_type"], prompts=prompts, parity_rows=int(values["parity_rows"]),
+        )
+    except (MergeError, CheckpointError) as e:
+        fail([str(e)])
+    except ParityError as e:
+        fail([f"parity check FAILED: the merged model does not answer like the adapter; nothing was written to {values['out']}",
+              *e.failures, f"the full report: {e.report_path}"])
+    if "push_to_hub" in values:
+        from huggingface_hub import HfApi
+
+        HfApi().upload_folder(repo_id=values["push_to_hub"], folder_path=str(result.out))
+    print("=" * 20 + " finetune.merge: done " + "=" * 38)
+    print(f"merged model  {result.out} ({result.base} base, {result.dtype}, {result.shards} shard(s), "
+          f"{result.bytes / 2**20:,.1f} MiB)")
+    if result.gguf:
+        print(f"gguf          {result.gguf}")
+    print(f"peak memory   {result.peak_rss_gib:.2f} GiB (process RSS after merging and writing, before the parity check)")
+    print(f"time          {result.seconds:.0f} s")
+    print(f"load it       AutoModelForCausalLM.from_pretrained('{result.out}')")
+    print("=" * 80, flush=True)
+
+
+if __name__ == "__main__":
+    main()
