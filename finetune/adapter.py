@@ -54,9 +54,11 @@ def check_saved_adapter(model, folder: Path, *, trained: bool) -> None:
     from peft.utils import get_peft_model_state_dict
 
     saved = load_file(str(folder / "adapter_model.safetensors"))
-    expected = set(get_peft_model_state_dict(model))
-    # Counted independently of PEFT's own key list: every LoRA layer must have an A and a B.
-    n_layers = sum(len(m.lora_A) for m in model.modules() if isinstance(m, LoraLayer))
+    active = model.active_adapter
+    expected = set(get_peft_model_state_dict(model, adapter_name=active))
+    # Counted independently of PEFT's own key list: every LoRA layer must have an A and a B. (A DPO
+    # reference adapter, finetune.objectives, is a frozen copy and is never saved.)
+    n_layers = sum(1 for m in model.modules() if isinstance(m, LoraLayer) and active in m.lora_A)
     lora_keys = [k for k in saved if ".lora_A." in k or ".lora_B." in k]
     problems = []
     if set(saved) != expected:
@@ -80,7 +82,7 @@ def check_saved_adapter(model, folder: Path, *, trained: bool) -> None:
 
 def write_adapter_files(model, folder: Path, *, trained: bool) -> None:
     """PEFT's standard adapter files (never the base weights) into `folder`, checked after writing."""
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.save_pretrained(str(folder), safe_serialization=True, selected_adapters=[model.active_adapter])
     missing = [f for f in ADAPTER_FILES if not (folder / f).exists()]
     if missing:
         raise CheckpointError(f"PEFT did not write {missing} into {folder}")
@@ -192,3 +194,29 @@ def load_adapter(
     model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
     model.eval()
     return model, tokenizer, cfg
+
+
+def load_adapter_weights(model, adapter_or_run_dir: str | Path) -> AdapterManifest:
+    """Put a saved adapter's weights into `model`'s active adapter (lora.init_from); returns its manifest.
+
+    The saved adapter must have the same LoRA layers and ranks as `model`: every tensor is replaced,
+    none is left at its fresh initialisation.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter_dir = resolve_adapter_dir(Path(adapter_or_run_dir).expanduser())
+    manifest = read_adapter_manifest(adapter_dir)
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    missing = sorted(set(expected) - set(weights))
+    wrong_shape = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or wrong_shape or set(weights) - set(expected):
+        saved = manifest.config.lora
+        raise CheckpointError(
+            f"lora.init_from={adapter_or_run_dir}: that adapter has other LoRA layers or ranks than this run "
+            f"(it was trained with lora.r={saved.r} lora.target_modules={list(saved.target_modules)}"
+            + (f"; e.g. {(missing or wrong_shape)[0]} differs" if missing or wrong_shape else "")
+            + "): use the same lora.* settings as the adapter"
+        )
+    set_peft_model_state_dict(model, weights, adapter_name=model.active_adapter)
+    return manifest

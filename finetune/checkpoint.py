@@ -56,6 +56,7 @@ class TrainState:
     losses: list = field(default_factory=list)  # [step, loss] of every applied step
     evals: list = field(default_factory=list)  # [step, eval loss]
     samples_before: list = field(default_factory=list)  # the untrained adapter's samples, shown at the end
+    history: list = field(default_factory=list)  # [step, {lr, tokens_per_s, objective metrics}] of applied steps
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -271,7 +272,7 @@ def load_checkpoint(checkpoint: Path, *, accelerator, model, optimizer, schedule
                                   "resume with the mixed precision it was trained with")
         accelerator.scaler.load_state_dict(read_torch(checkpoint / "scaler.pt"))
     sampler.load_state_dict(state["sampler"])
-    return TrainState(**{k: state[k] for k in TrainState.__dataclass_fields__})
+    return TrainState(**{k: state[k] for k in TrainState.__dataclass_fields__ if k in state})
 
 
 def restore_rng(checkpoint: Path, rank: int) -> None:

@@ -163,9 +163,15 @@ class LoraSettings:
     """none | all | lora_only: which biases train."""
     use_rslora: bool = False
     """Rank-stabilized LoRA scaling (alpha / sqrt(r))."""
+    init_from: Optional[str] = None
+    """Start the adapter from a saved one (a run folder or adapter folder of finetune, same LoRA settings),
+    e.g. an SFT adapter before DPO; with train.objective=dpo it is also the reference policy."""
 
     def problems(self) -> list[str]:
         p = one_of("lora.bias", self.bias, LORA_BIAS)
+        if self.init_from is not None and not os.path.exists(os.path.expanduser(self.init_from)):
+            p.append(f"lora.init_from={self.init_from!r} does not exist: give the run folder (or adapter folder) "
+                     "of the adapter to start from")
         if self.r <= 0:
             p.append(f"lora.r must be a positive integer (got {self.r}); 8 to 64 is usual")
         if self.alpha <= 0:

@@ -101,15 +101,21 @@ def run_fingerprint(cfg: Config, source: str, tokenizer, train_set, eval_set=Non
         "lora": _sha256_json(OmegaConf.to_container(OmegaConf.structured(cfg.lora))),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "data": _sha256_json([dataset_fingerprint(train_set), eval_set is not None and dataset_fingerprint(eval_set)]),
+        "objective": _sha256_json({k: getattr(cfg.train, k) for k in _OBJECTIVE_KEYS}),
     }
 
+
+# What a run minimizes: changing it mid-run would make the optimizer state and the loss curve another run's.
+_OBJECTIVE_KEYS = ("objective", "dpo_beta", "dpo_label_smoothing", "dpo_loss", "dpo_reference_free", "orpo_beta")
 
 # What to show the user for each part, as config keys whose old and new values are printed.
 _PART_KEYS = {
     "base": ("model.name_or_path", "model.revision", "model.architecture", "model.random_init"),
     "quant": tuple(f"quant.{k}" for k in ("mode", "compute_dtype", "double_quant", "quant_storage",
                                            "int8_threshold", "int8_skip_modules", "int8_fp32_cpu_offload")),
-    "lora": tuple(f"lora.{k}" for k in ("r", "alpha", "dropout", "target_modules", "modules_to_save", "bias", "use_rslora")),
+    "lora": tuple(f"lora.{k}" for k in ("r", "alpha", "dropout", "target_modules", "modules_to_save", "bias", "use_rslora",
+                                         "init_from")),
+    "objective": tuple(f"train.{k}" for k in _OBJECTIVE_KEYS),
     "tokenizer": ("model.tokenizer", "model.name_or_path"),
     "data": tuple(f"data.{k}" for k in ("path", "name", "split", "format", "max_length", "length_policy",
                                          "train_on_prompt", "eval_fraction", "eval_split", "max_samples",
@@ -121,6 +127,7 @@ _PART_NAMES = {
     "lora": "the LoRA settings",
     "tokenizer": "the tokenizer",
     "data": "the data",
+    "objective": "the training objective",
 }
 
 
@@ -135,8 +142,8 @@ def differences(saved: dict[str, str], saved_config: dict[str, Any], current: di
     now = OmegaConf.to_container(OmegaConf.structured(cfg))
     lines = []
     for part, name in _PART_NAMES.items():
-        if saved.get(part) == current.get(part):
-            continue
+        if part not in saved or saved.get(part) == current.get(part):
+            continue  # (a part a checkpoint of an older finetune did not record is not compared)
         changed = [
             f"{key}: {_get(saved_config, key)!r} -> {_get(now, key)!r}"
             for key in _PART_KEYS[part]

@@ -24,15 +24,16 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from finetune import report
-from finetune.adapter import adapter_manifest, save_adapter
+from finetune.adapter import adapter_manifest, load_adapter_weights, save_adapter
 from finetune.atomic import disk_errors, write_json_atomic
 from finetune.checkpoint import TrainState, check_resumable, load_checkpoint, restore_rng, save_checkpoint
 from finetune.config import Config, ConfigError, SpeedConfig, TrainConfig
 from finetune.data import Collator, PreparedData, build_datasets
 from finetune.fingerprint import run_fingerprint
 from finetune.generate import generate_samples
-from finetune.loss import causal_lm_loss_sum, count_targets
 from finetune.model import build_model, count_parameters
+from finetune.objectives import SupervisedObjective, add_reference_copy, objective_for
+from finetune.preference import PairCollator, build_preference_datasets
 from finetune.sampler import EpochBatches
 from finetune.signals import StopSignals
 from finetune.source import load_tokenizer
@@ -54,11 +55,12 @@ class TrainingError(RuntimeError):
 class StepOutcome:
     """What one optimizer step did."""
 
-    loss: float  # mean loss per target token over the whole step (every micro-batch and process)
+    loss: float  # the step's mean loss: per target token (sft), per pair (dpo, orpo), over every process
     grad_norm: float
     finite: bool  # False: the loss or gradient was NaN/inf and the update was skipped
     scaler_overflow: bool  # an fp16 grad scaler's overflow (finite loss, inf gradients): its normal search
     tokens: int  # tokens in the step's batches (attention mask), over every process
+    metrics: dict  # the objective's step means (DPO/ORPO rewards, margins, accuracies); empty for sft
 
 
 def mixed_precision(cfg: Config) -> str:
@@ -91,19 +93,24 @@ def build_scheduler(optimizer, t: TrainConfig):
 
 
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accelerator: Accelerator, params: list,
-               speed: SpeedConfig, max_grad_norm: float) -> StepOutcome:
-    """One optimizer step over `micro_batches` (train.grad_accum of them); a non-finite step changes nothing."""
+               speed: SpeedConfig, max_grad_norm: float, objective=None) -> StepOutcome:
+    """One optimizer step over `micro_batches` (train.grad_accum of them); a non-finite step changes nothing.
+
+    `objective` (finetune.objectives) is what the step minimizes; next-token cross-entropy by default.
+    """
+    objective = objective or SupervisedObjective()
     device = accelerator.device
     if speed.cuda_graphs:
         # A new step starts: the compiled blocks' CUDA graphs may replay. Without this, cudagraph trees
         # guess step boundaries and, with micro-batches and checkpointed blocks, stay in warm-up for
         # many steps ("pending, uninvoked backwards").
         torch.compiler.cudagraph_mark_step_begin()
-    # Every process must divide by the same global count of target tokens (counted on the CPU: on the
-    # GPU it would sync the step).
-    local_targets = sum(count_targets(b) for b in micro_batches)
-    global_targets = int(accelerator.reduce(torch.tensor(local_targets, device=device), reduction="sum"))
-    loss_sum_all = torch.zeros((), device=device, dtype=torch.float64)
+    # Every process divides by the same global counts (target tokens; pairs), counted on the CPU: on
+    # the GPU it would sync the step. The micro-batches' shares then add up to the step's mean.
+    local_units = torch.tensor([sum(u) for u in zip(*(objective.units(b) for b in micro_batches))], device=device)
+    global_units = [int(u) for u in accelerator.reduce(local_units, reduction="sum")]
+    loss_all = torch.zeros((), device=device, dtype=torch.float64)
+    metrics_all: dict[str, torch.Tensor] = {}
     tokens = 0
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -111,15 +118,18 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accele
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
-                loss_sum = causal_lm_loss_sum(model, batch, speed.loss_chunk_size, speed.compile)
+                share, metrics = objective.loss(model, batch, global_units, speed)
             # DDP averages gradients over processes; scaling by the process count makes the step's
-            # gradient the mean over all target tokens of the global batch.
-            accelerator.backward(loss_sum * accelerator.num_processes / max(global_targets, 1))
-        loss_sum_all += loss_sum.detach().double()
+            # gradient that of the mean over the whole global batch.
+            accelerator.backward(share * accelerator.num_processes)
+        loss_all += share.detach().double()
+        for name, value in metrics.items():
+            metrics_all[name] = metrics_all.get(name, 0) + value.double()
         tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
 
     grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
-    loss = float(accelerator.reduce(loss_sum_all, reduction="sum")) / max(global_targets, 1)
+    loss = float(accelerator.reduce(loss_all, reduction="sum"))
+    metrics = {name: float(accelerator.reduce(value, reduction="sum")) for name, value in metrics_all.items()}
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     scaler = accelerator.scaler
     if finite or scaler is not None:
@@ -129,27 +139,31 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accele
     if finite:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
-    return StepOutcome(loss, grad_norm, finite, scaler is not None and math.isfinite(loss) and not finite, tokens)
+    return StepOutcome(loss, grad_norm, finite, scaler is not None and math.isfinite(loss) and not finite, tokens,
+                       metrics)
 
 
 @torch.no_grad()
-def evaluate(model, batches, accelerator: Accelerator, speed: SpeedConfig) -> float:
-    """Mean loss per target token over the eval batches, across every process."""
+def evaluate(model, batches, accelerator: Accelerator, speed: SpeedConfig, objective=None) -> float:
+    """The objective's mean loss over the eval batches (per target token, or per pair), across every process."""
+    objective = objective or SupervisedObjective()
     model.eval()
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for batch in batches:
         if speed.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
+        units = objective.units(batch)  # this batch's own counts: its loss is the batch's mean
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            totals[0] += causal_lm_loss_sum(model, batch, speed.loss_chunk_size, speed.compile).double()
-        totals[1] += count_targets(batch)
+            mean, _ = objective.loss(model, batch, units, speed)
+        totals[0] += mean.double() * units[0]
+        totals[1] += units[0]
     totals = accelerator.reduce(totals, reduction="sum")
     model.train()
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
-def eval_batches(data: PreparedData, t: TrainConfig, collate: Collator, accelerator: Accelerator) -> list[dict]:
+def eval_batches(data: PreparedData, t: TrainConfig, collate, accelerator: Accelerator) -> list[dict]:
     """This process's share of the eval split (train.eval_batches of them at most), in order."""
     if data.eval is None:
         return []
@@ -158,6 +172,18 @@ def eval_batches(data: PreparedData, t: TrainConfig, collate: Collator, accelera
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     ).one_epoch()
     return batches if t.eval_batches is None else batches[: t.eval_batches]
+
+
+def eval_log(eval_loss: float, t: TrainConfig) -> dict[str, float]:
+    """The eval figures logged: loss, and for next-token cross-entropy its perplexity."""
+    if t.objective != "sft":
+        return {"eval/loss": eval_loss}
+    return {"eval/loss": eval_loss, "eval/perplexity": report.perplexity(eval_loss)}
+
+
+def eval_line(eval_loss: float, t: TrainConfig) -> str:
+    line = f"eval loss {eval_loss:.4f}"
+    return line + (f", perplexity {report.perplexity(eval_loss):.2f}" if t.objective == "sft" else "")
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:
@@ -191,9 +217,14 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         tokenizer = load_tokenizer(cfg.model, source)
     except (OSError, ValueError) as e:
         raise ConfigError([f"the tokenizer of {cfg.model.tokenizer or cfg.model.name_or_path} cannot be used: {e}"]) from e
+    objective = objective_for(t)
+    widths = batch_widths(cfg.speed, cfg.data.packing, cfg.data.max_length)
     with accelerator.main_process_first():
-        data = build_datasets(cfg.data, tokenizer, seed=t.seed)
-    collate = Collator(tokenizer.pad_token_id, widths=batch_widths(cfg.speed, cfg.data.packing, cfg.data.max_length))
+        if t.objective == "sft":
+            data, collate = build_datasets(cfg.data, tokenizer, seed=t.seed), Collator(tokenizer.pad_token_id, widths)
+        else:  # chosen/rejected pairs, collated into one [chosen; rejected] batch
+            data = build_preference_datasets(cfg.data, tokenizer, seed=t.seed)
+            collate = PairCollator(tokenizer.pad_token_id, widths)
     train_batches = EpochBatches(data.train, t.batch_size, collate, seed=t.seed,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
     # What the trained state depends on (base, quant, LoRA, tokenizer, data), recorded in every
@@ -204,8 +235,17 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         with disk_errors("config.json", run_dir):
             write_json_atomic(run_dir / "config.json", OmegaConf.to_container(OmegaConf.structured(cfg)))
 
-    # 2. The frozen quantized base with LoRA adapters (and the speed settings) on top.
+    # 2. The frozen quantized base with LoRA adapters (and the speed settings) on top, the adapters
+    # starting from a saved one if asked (lora.init_from: e.g. SFT before DPO, which is then also the
+    # DPO reference, kept as a frozen second adapter on the same base).
     model, footprint = build_model(cfg, source, device)
+    if cfg.lora.init_from:
+        init = load_adapter_weights(model, cfg.lora.init_from)
+        if init.data.get("fingerprint", {}).get("base") not in (None, fingerprint["base"]):
+            raise ConfigError([f"lora.init_from={cfg.lora.init_from} was trained on another base model "
+                               f"({init.data['base_model']}): an adapter only works on the base it was trained on"])
+        if t.objective == "dpo" and not t.dpo_reference_free:
+            add_reference_copy(model)
     trainable, total = count_parameters(model)
 
     # 3. Optimizer over the adapter parameters only. The scheduler stays unprepared: accelerate's
@@ -232,7 +272,8 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
                   + "".join(f"\n             changed since: {line}" for line in changed), flush=True)
     if not resume_from:  # a resumed run has these from its checkpoint
         if data.eval is not None:
-            state.evals.append([0, evaluate(model, eval_batches(data, t, collate, accelerator), accelerator, cfg.speed)])
+            state.evals.append([0, evaluate(model, eval_batches(data, t, collate, accelerator), accelerator, cfg.speed,
+                                            objective)])
         if is_main:
             # Under autocast as in training: the adapters expect the autocast dtype (model.prepare_for_training).
             with accelerator.autocast():
@@ -258,7 +299,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         step_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(t.grad_accum)]
         outcome = train_step(model, optimizer, scheduler, micro_batches, accelerator=accelerator, params=params,
-                             speed=cfg.speed, max_grad_norm=t.max_grad_norm)
+                             speed=cfg.speed, max_grad_norm=t.max_grad_norm, objective=objective)
         seconds = time.perf_counter() - step_start
         state.step, state.tokens_seen, state.train_seconds = step, state.tokens_seen + outcome.tokens, state.train_seconds + seconds
         launch.add(outcome.tokens, seconds)
@@ -279,17 +320,20 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
                     "lower train.lr, check the data, or use quant.compute_dtype=bfloat16. "
                     "No adapter was saved from these steps."
                 )
-        if outcome.finite and (step % t.log_every == 0 or step == t.max_steps):
+        if outcome.finite:
             lr = scheduler.get_last_lr()[0]
             tok_s = launch.steady_tokens_per_s() or launch.tokens_per_s()
-            progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            accelerator.log({"train/loss": outcome.loss, "train/lr": lr, "train/grad_norm": outcome.grad_norm,
-                             "train/tokens_per_s": tok_s}, step=step)
+            state.history.append([step, {"lr": lr, "tokens_per_s": tok_s, **outcome.metrics}])  # for curves.png
+            if step % t.log_every == 0 or step == t.max_steps:
+                progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                accelerator.log({"train/loss": outcome.loss, "train/lr": lr, "train/grad_norm": outcome.grad_norm,
+                                 "train/tokens_per_s": tok_s, **{f"train/{k}": v for k, v in outcome.metrics.items()}},
+                                step=step)
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and data.eval is not None:
-            eval_loss = evaluate(model, eval_batches(data, t, collate, accelerator), accelerator, cfg.speed)
+            eval_loss = evaluate(model, eval_batches(data, t, collate, accelerator), accelerator, cfg.speed, objective)
             state.evals.append([step, eval_loss])
-            accelerator.log({"eval/loss": eval_loss}, step=step)
-            progress.write(f"step {step}: eval loss {eval_loss:.4f}")
+            accelerator.log(eval_log(eval_loss, t), step=step)
+            progress.write(f"step {step}: " + eval_line(eval_loss, t))
         # The last step is always checkpointed: a run killed while it writes its adapter, or one
         # given more steps later, goes on from its final state.
         saved = save(step) if step == t.max_steps or (t.save_every and step % t.save_every == 0) else None
@@ -316,8 +360,8 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     # 5. Final eval, adapter, samples and the end-of-run summary.
     if data.eval is not None:
         state.evals.append([t.max_steps, evaluate(model, eval_batches(data, t, collate, accelerator), accelerator,
-                                                  cfg.speed)])
-        accelerator.log({"eval/loss": state.evals[-1][1]}, step=t.max_steps)
+                                                  cfg.speed, objective)])
+        accelerator.log(eval_log(state.evals[-1][1], t), step=t.max_steps)
     accelerator.wait_for_everyone()
     summary: dict = {}
     if is_main:
@@ -330,10 +374,12 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             samples_after = generate_samples(unwrapped, tokenizer, cfg.data, cfg.sample, data.format)
         summary = {
             "steps": t.max_steps,
+            "objective": t.objective,
             "skipped_nonfinite_steps": state.skipped_steps,
             "first_loss": state.losses[0][1] if state.losses else None,
             "final_loss": state.losses[-1][1] if state.losses else None,
             "losses": state.losses,
+            "history": state.history,
             "eval_loss": state.evals,
             "resumed_from": str(resume_from) if resume_from else None,
             "tokens": state.tokens_seen,

@@ -131,8 +131,9 @@ def quantized_linear_names(source: str, cfg) -> set[str]:
     """
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from finetune.model import kept_unquantized_by_default, meta_model
+    from finetune.model import kept_unquantized_by_default
     from finetune.quant import build_bnb_config
+    from finetune.source import meta_model
 
     if cfg.quant.mode not in ("nf4", "fp4", "int8"):
         return set()
@@ -306,7 +307,7 @@ def write_model_files(folder: Path, source: str, cfg, dtype: torch.dtype, untie:
     """config.json (no quantization_config), generation config, tokenizer and chat template."""
     from transformers import AutoConfig, GenerationConfig
 
-    from finetune.model import load_tokenizer
+    from finetune.source import load_tokenizer
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     if hasattr(config, "quantization_config"):
@@ -363,11 +364,11 @@ def merge_adapter(
     Raises MergeError for a merge that cannot be done and finetune.parity.ParityError when the
     merged model does not answer like the adapter; `out` appears only when everything passed.
     """
-    from finetune.checkpoint import atomic_directory, read_adapter_manifest, resolve_adapter_dir
-    from finetune.config import default_cache_dir
-    from finetune.model import resolve_model_source
+    from finetune.adapter import read_adapter_manifest, resolve_adapter_dir
+    from finetune.atomic import atomic_directory
     from finetune.parity import parity_report
     from finetune.quant import saved_quantization
+    from finetune.source import default_cache_dir, resolve_model_source
 
     started = time.perf_counter()
     out = Path(out)
@@ -505,7 +506,7 @@ def push_problems(repo: str) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from finetune.checkpoint import CheckpointError
+    from finetune.atomic import CheckpointError
     from finetune.parity import ParityError
 
     values = parse_args(sys.argv[1:] if argv is None else argv)

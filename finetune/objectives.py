@@ -29,7 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from finetune.config import TrainConfig
-from finetune.loss import IGNORE_INDEX, _chunk_log_probs, _compute_dtype, _decoder_and_head, model_inputs
+from finetune.loss import (
+    IGNORE_INDEX,
+    _chunk_log_probs,
+    _compute_dtype,
+    _decoder_and_head,
+    causal_lm_loss_sum,
+    count_targets,
+    model_inputs,
+)
 
 REFERENCE_ADAPTER = "reference"
 
@@ -234,3 +242,37 @@ def preference_loss(model, batch: dict[str, torch.Tensor], cfg: TrainConfig, tot
         **extra,
     }
     return loss, metrics
+
+
+class SupervisedObjective:
+    """Next-token cross-entropy on the labelled tokens (train.objective=sft): the mean over every target
+    token of the step."""
+
+    def units(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        """What the step's loss is divided by, for one micro-batch: its target tokens."""
+        return [count_targets(batch)]
+
+    def loss(self, model, batch: dict[str, torch.Tensor], units: list[int], speed) -> tuple[torch.Tensor, dict]:
+        """This micro-batch's share of the step's mean loss (units: the step's global counts)."""
+        loss_sum = causal_lm_loss_sum(model, batch, speed.loss_chunk_size, speed.compile)
+        return loss_sum / max(units[0], 1), {}
+
+
+class PreferenceObjective:
+    """DPO or ORPO on [chosen; rejected] batches: the mean over the step's pairs (and, for ORPO's NLL,
+    over its chosen target tokens)."""
+
+    def __init__(self, train: TrainConfig):
+        self.train = train
+
+    def units(self, batch: dict[str, torch.Tensor]) -> list[int]:
+        totals = count_units(batch)
+        return [totals.pairs, totals.chosen_targets]
+
+    def loss(self, model, batch: dict[str, torch.Tensor], units: list[int], speed) -> tuple[torch.Tensor, dict]:
+        return preference_loss(model, batch, self.train, StepTotals(*units), speed.loss_chunk_size)
+
+
+def objective_for(train: TrainConfig) -> SupervisedObjective | PreferenceObjective:
+    """The objective train.objective names."""
+    return SupervisedObjective() if train.objective == "sft" else PreferenceObjective(train)

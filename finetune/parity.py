@@ -131,7 +131,9 @@ def parity_report(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.model import load_adapter, load_base, load_tokenizer
+    from finetune.adapter import load_adapter
+    from finetune.model import load_base
+    from finetune.source import load_tokenizer
 
     device = torch.device("cpu")
     tokenizer = load_tokenizer(cfg.model, source)
@@ -152,7 +154,8 @@ def parity_report(
             with adapted.disable_adapter():
                 outs["bare_base"] = model_outputs(adapted, ids, starts, pad)
         _free(adapted)
-    plain = load_base(_sixteen_bit_cfg(cfg), source, device)
+    sixteen_bit = _sixteen_bit_cfg(cfg)
+    plain = load_base(sixteen_bit.model, sixteen_bit.quant, source, device)
     adapted16 = PeftModel.from_pretrained(plain, str(adapter_dir))
     adapted16.eval()
     outs["adapter_16bit"] = model_outputs(adapted16, ids, starts, pad)

@@ -273,8 +273,8 @@ class PairCollator:
     (2 * pairs, width); row i and row pairs + i are the two replies of pair i.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, max_width: int | None = None):
-        self.collate = Collator(pad_token_id, pad_to_multiple_of, max_width)
+    def __init__(self, pad_token_id: int, widths: Sequence[int] | None = None):
+        self.collate = Collator(pad_token_id, widths)
 
     def __call__(self, pairs: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
         if not pairs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -46,6 +47,8 @@ def print_end(summary: dict) -> None:
     evals = summary["eval_loss"]
     eval_line = (
         f"eval loss    {evals[0][1]:.4f} (step {evals[0][0]}) -> {evals[-1][1]:.4f} (step {evals[-1][0]})"
+        + (f", perplexity {perplexity(evals[0][1]):.2f} -> {perplexity(evals[-1][1]):.2f}"
+           if summary.get("objective", "sft") == "sft" else "")
         if evals else "eval loss    (no eval split: set data.eval_fraction or data.eval_split)"
     )
     lines = [_rule("finetune: done")]
@@ -56,6 +59,7 @@ def print_end(summary: dict) -> None:
         f"train loss   {first:.4f} (first step) -> {final:.4f} (step {summary['steps']})"
         if first is not None else "train loss   (no step completed)",
         eval_line,
+        *_preference_lines(summary),
         _throughput_line(summary),
         f"peak memory  {summary['peak_memory_gib']:.2f} GiB ({summary['peak_memory_kind']})",
         f"adapter      {summary['adapter_dir']}",
@@ -65,6 +69,20 @@ def print_end(summary: dict) -> None:
     if summary["skipped_nonfinite_steps"]:
         lines.insert(-1, f"skipped      {summary['skipped_nonfinite_steps']} step(s) with a non-finite loss")
     print("\n".join(lines), flush=True)
+
+
+def perplexity(loss: float) -> float:
+    """exp of a mean next-token loss; inf where that overflows."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _preference_lines(summary: dict) -> list[str]:
+    """DPO/ORPO: how the last step separated the chosen replies from the rejected ones."""
+    last = summary["history"][-1][1] if summary.get("history") else {}
+    if "rewards/accuracies" not in last:
+        return []
+    return [f"rewards      accuracy {last['rewards/accuracies']:.0%}, margin {last['rewards/margins']:.4f} "
+            f"(chosen {last['rewards/chosen']:.4f}, rejected {last['rewards/rejected']:.4f}; last step)"]
 
 
 def _throughput_line(summary: dict) -> str:

@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory, tiny_llama, instruction_file, cache_dir) -> Path:
 
 
 def _cfg(run: Path):
-    from finetune.checkpoint import read_adapter_manifest
+    from finetune.adapter import read_adapter_manifest
 
     return read_adapter_manifest(run / "adapter").config
 
@@ -51,7 +51,7 @@ def test_dequantized_weight_is_bit_exact_with_the_loaded_quantized_layer(tiny_ll
     from finetune.run import compose
 
     cfg = compose([f"model.name_or_path={tiny_llama}", "output_dir=/tmp/unused", f"quant={mode}"])
-    model = load_base(cfg, str(tiny_llama), torch.device("cpu"))
+    model = load_base(cfg.model, cfg.quant, str(tiny_llama), torch.device("cpu"))
     original = load_file(str(tiny_llama / "model.safetensors"))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
     assert set(layers) == quantized_linear_names(str(tiny_llama), cfg) and layers
@@ -114,7 +114,7 @@ def test_merge_cli_writes_a_plain_transformers_folder_that_matches_the_adapter(t
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file
 
-    from finetune.model import load_adapter
+    from finetune.adapter import load_adapter
 
     merged = {}
     for shard in set(index["weight_map"].values()):
@@ -150,9 +150,9 @@ def test_original_base_merge_matches_the_adapter_on_the_16bit_base(tiny_run, tin
 
 def _planted(tiny_run: Path, folder: Path, cache_dir: Path, **bug) -> dict:
     """Merge with a planted bug through the same lower-level steps, then run the parity check on it."""
-    from finetune.checkpoint import read_adapter_manifest
-    from finetune.model import resolve_model_source
+    from finetune.adapter import read_adapter_manifest
     from finetune.parity import parity_report
+    from finetune.source import resolve_model_source
 
     cfg = read_adapter_manifest(tiny_run / "adapter").config
     source = resolve_model_source(cfg.model, cache_dir, seed=cfg.train.seed)
