@@ -78,14 +78,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def dataset_fingerprint(dataset) -> str:
-    """sha256 of the tokenized rows (input_ids and labels, in order): the exact data a run trains on.
+    """sha256 of the tokenized rows (every token column, in order): the exact data a run trains on.
 
     Everything that shapes the training rows is in it: the file's content, formatting, masking,
     max_length, filtering and the seeded eval hold-out.
     """
     h = hashlib.sha256(f"rows={len(dataset)}".encode())
     for table in dataset.with_format("arrow").iter(batch_size=4096):
-        for column in ("input_ids", "labels"):
+        # input_ids and labels, or chosen_*/rejected_* of pairs; packed rows' position_ids follow from them
+        for column in sorted(c for c in table.column_names if c != "position_ids"):
             values = table.column(column).combine_chunks()
             h.update(np.asarray(values.value_lengths()).tobytes())
             h.update(np.asarray(values.flatten()).tobytes())
