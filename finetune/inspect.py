@@ -71,7 +71,8 @@ def row_counts(input_ids: list[int], labels: list[int], truncated: Optional[int]
     return RowCounts(tokens=len(input_ids), prompt=len(input_ids) - trained, trained=trained, truncated=truncated)
 
 
-def training_problems(input_ids: list[list[int]], labels: list[list[int]], fmt: str, train_on_prompt: bool) -> list[str]:
+def training_problems(tokenizer, input_ids: list[list[int]], labels: list[list[int]], fmt: str,
+                      train_on_prompt: bool) -> list[str]:
     """What makes these rows useless to train on: nothing trained, or everything while prompts should not be."""
     from finetune.data import IGNORE_INDEX
 
@@ -83,16 +84,25 @@ def training_problems(input_ids: list[list[int]], labels: list[list[int]], fmt: 
             "the prompt fills data.max_length or no target span was found; raise data.max_length or check "
             "the data.*_field settings and the chat template"
         )
-    if fmt in ("instruction", "chat") and not train_on_prompt and labels and all(
-        list(y) == list(x) for x, y in zip(input_ids, labels, strict=True)
+    if fmt in ("instruction", "chat") and not train_on_prompt and labels and not any(
+        _has_untrained_text(tokenizer, x, y) for x, y in zip(input_ids, labels, strict=True)
     ):
         problems.append(
-            f"every token of every row is trained on, prompts included, although data.format={fmt} has prompts "
-            "and data.train_on_prompt=false: the prompt masking found no prompt (conversations with no user "
-            "turn, or a template that puts everything in the answer); fix the data or data.prompt_template, "
-            "or set data.train_on_prompt=true if that is really meant"
+            f"every row trains on all of its text (only special tokens or whitespace are left out) although "
+            f"data.format={fmt} has prompts and data.train_on_prompt=false: the masking found no prompt "
+            "(conversations with no user turn, or a template that puts everything in the answer); fix the data "
+            "or data.prompt_template, or set data.train_on_prompt=true if that is really meant"
         )
     return problems
+
+
+def _has_untrained_text(tokenizer, input_ids: list[int], labels: list[int]) -> bool:
+    """Whether some untrained token of the row is text (a prompt), not a special token or whitespace."""
+    from finetune.data import IGNORE_INDEX
+
+    special = set(tokenizer.all_special_ids)
+    return any(label == IGNORE_INDEX and token not in special and tokenizer.decode([token]).strip()
+               for token, label in zip(input_ids, labels, strict=True))
 
 
 def render_row(tokenizer, input_ids: list[int], labels: list[int], colour: bool,
@@ -181,7 +191,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for line in data.report.lines():
         print(line)
-    problems = training_problems(rows_ds["input_ids"], rows_ds["labels"], data.format, cfg.data.train_on_prompt)
+    problems = training_problems(tokenizer, rows_ds["input_ids"], rows_ds["labels"], data.format, cfg.data.train_on_prompt)
     if problems:
         print("\nfinetune.inspect: THE LABELS ARE WRONG\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
