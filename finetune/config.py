@@ -460,6 +460,12 @@ class Config:
     output_dir: str = "runs/default"
     """The run folder: resolved config, adapter, checkpoints, summary."""
 
+    def mixed_precision(self) -> str:
+        """accelerate's mixed precision: train.mixed_precision, or with "auto" the one quant.compute_dtype says."""
+        if self.train.mixed_precision != "auto":
+            return self.train.mixed_precision
+        return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[self.quant.compute_dtype]
+
     def problems(self) -> list[str]:
         """Every section's own problems (rules spanning sections are finetune.preflight's)."""
         p = [q for name in SECTIONS for q in getattr(self, name).problems()]

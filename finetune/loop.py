@@ -63,12 +63,6 @@ class StepOutcome:
     metrics: dict  # the objective's step means (DPO/ORPO rewards, margins, accuracies); empty for sft
 
 
-def mixed_precision(cfg: Config) -> str:
-    if cfg.train.mixed_precision != "auto":
-        return cfg.train.mixed_precision
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[cfg.quant.compute_dtype]
-
-
 def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
     if t.optimizer == "adamw":
         params = list(params)
@@ -206,7 +200,7 @@ def train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path] =
 
 def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path], stop: StopSignals) -> RunResult:
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with="wandb" if cfg.log.wandb else None,
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision(), log_with="wandb" if cfg.log.wandb else None,
                               project_dir=str(run_dir))
     set_seed(t.seed)  # python, numpy, torch and CUDA generators, on every process
     device, is_main = accelerator.device, accelerator.is_main_process

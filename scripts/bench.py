@@ -231,11 +231,11 @@ def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overr
     timed through finetune.loop.train_step, the function the training loop calls."""
     from accelerate import Accelerator
 
-    from finetune.loop import build_optimizer, build_scheduler, mixed_precision
+    from finetune.loop import build_optimizer, build_scheduler
     from finetune.model import build_model
 
     cfg = our_config(model_dir, overrides, seq)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision())
     torch.manual_seed(0)
     model, _ = build_model(cfg, model_dir, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
