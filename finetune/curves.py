@@ -70,3 +70,18 @@ def write_curves(
         Path(tmp).unlink(missing_ok=True)
         raise
     return fig
+
+
+def write_run_curves(path: str | Path, losses: Series, evals: Series, history: Sequence) -> None:
+    """curves.png of a training run from its recorded steps (TrainState: losses, evals, and history's
+    [step, {lr, tokens_per_s, objective metrics}]); DPO/ORPO runs get rewards and margin panels."""
+
+    def series(key: str) -> list[list[float]]:
+        return [[step, values[key]] for step, values in history if key in values]
+
+    extra = {}
+    if series("rewards/chosen"):
+        extra = {"rewards": {"chosen": series("rewards/chosen"), "rejected": series("rewards/rejected")},
+                 "reward margin": {"margin": series("rewards/margins")},
+                 "reward accuracy": {"accuracy": series("rewards/accuracies")}}
+    write_curves(path, losses, evals, series("lr"), series("tokens_per_s"), extra)

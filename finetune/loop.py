@@ -28,6 +28,7 @@ from finetune.adapter import adapter_manifest, load_adapter_weights, save_adapte
 from finetune.atomic import disk_errors, write_json_atomic
 from finetune.checkpoint import TrainState, check_resumable, load_checkpoint, restore_rng, save_checkpoint
 from finetune.config import Config, ConfigError, SpeedConfig, TrainConfig
+from finetune.curves import write_run_curves
 from finetune.data import Collator, PreparedData, build_datasets
 from finetune.fingerprint import run_fingerprint
 from finetune.generate import generate_samples
@@ -276,7 +277,11 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
 
     def save(step: int) -> Path:
         manifest = adapter_manifest(cfg, source=source, step=step, fingerprint=fingerprint)
-        return save_checkpoint(run_dir, state, manifest=manifest, keep_last=t.keep_last, **parts)
+        saved = save_checkpoint(run_dir, state, manifest=manifest, keep_last=t.keep_last, **parts)
+        if is_main:  # the picture of the run so far, beside it
+            with disk_errors("curves.png", run_dir):
+                write_run_curves(run_dir / "curves.png", state.losses, state.evals, state.history)
+        return saved
 
     # 4. The loop. A step is one optimizer update over grad_accum micro-batches.
     model.train()
@@ -386,12 +391,14 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             "trainable_params": trainable,
             "total_params": total,
             "adapter_dir": str(adapter_dir),
+            "curves": str(run_dir / "curves.png"),
             "wall_seconds": time.perf_counter() - started,
             "samples_before": state.samples_before,
             "samples_after": samples_after,
         }
-        with disk_errors("summary.json", run_dir):
+        with disk_errors("summary.json and curves.png", run_dir):
             write_json_atomic(run_dir / "summary.json", summary)
+            write_run_curves(run_dir / "curves.png", state.losses, state.evals, state.history)
         report.print_end(summary)
     accelerator.end_training()
     return RunResult(summary, accelerator.unwrap_model(model), tokenizer)

@@ -63,6 +63,7 @@ def print_end(summary: dict) -> None:
         _throughput_line(summary),
         f"peak memory  {summary['peak_memory_gib']:.2f} GiB ({summary['peak_memory_kind']})",
         f"adapter      {summary['adapter_dir']}",
+        f"curves       {summary['curves']} (loss, eval loss, learning rate, tokens/s over steps)",
         f"load it      python -m finetune.generate adapter={Path(summary['adapter_dir']).parent} prompt='...'",
         "=" * 80,
     ]

@@ -37,6 +37,10 @@ def test_run_writes_a_peft_adapter_and_no_base_weights(finished_run):
     assert summary["steps"] == 3 and summary["tokens_per_s"] > 0 and summary["steady_tokens_per_s"] > 0 and summary["compile_warmup_steps"] >= 1
     assert "finetune: done" in result.stdout and "footprint" in result.stdout
     assert "tokens/s steady state, after" in result.stdout
+    # the picture of the run: loss, learning rate and tokens/s panels, 260 px each
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[20:24], "big") == 3 * 260
+    assert f"curves       {out / 'curves.png'}" in result.stdout
 
 
 def test_overrides_reach_the_saved_adapter_config(finished_run):

@@ -56,6 +56,9 @@ def test_dpo_from_an_sft_adapter_starts_at_log2_and_learns_the_preference(dpo_ru
     assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
     assert metrics[-1]["rewards/margins"] > 0 and metrics[-1]["rewards/accuracies"] > 0.5
     assert "rewards      accuracy" in result.stdout
+    # curves.png: loss, learning rate, tokens/s, and DPO's rewards, margin and accuracy panels (260 px each)
+    png = (out / "curves.png").read_bytes()
+    assert int.from_bytes(png[20:24], "big") == 6 * 260
 
 
 def test_a_dpo_adapter_is_the_standard_peft_format_without_the_reference_copy(dpo_run, sft_run):
