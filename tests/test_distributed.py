@@ -59,6 +59,13 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def _losses(run_dir: Path) -> list[float]:
+    """Per-step train losses (steps 1, 2, ... in order) of a finished run."""
+    steps = _summary(run_dir)["losses"]
+    assert [s for s, _ in steps] == list(range(1, len(steps) + 1))
+    return [loss for _, loss in steps]
+
+
 def _adapter(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
@@ -94,9 +101,9 @@ def test_ranks_form_one_ddp_job_with_the_global_batch_on_the_start_screen(ddp):
 def test_ddp_losses_equal_one_process_of_the_same_global_batch(ddp, one_process):
     ddp_run, _ = ddp
     many, one = _summary(ddp_run), _summary(one_process)
-    assert [s for s, _ in many["losses"]] == list(range(1, STEPS + 1))
-    assert many["losses"] == pytest.approx(one["losses"], rel=1e-6)
-    assert many["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6)
+    assert len(_losses(ddp_run)) == STEPS
+    assert _losses(ddp_run) == pytest.approx(_losses(one_process), rel=1e-6)
+    assert [e for _, e in many["eval_loss"]] == pytest.approx([e for _, e in one["eval_loss"]], rel=1e-6)
     # Every row of every step seen once across the ranks: the same tokens as one process.
     assert many["tokens"] == one["tokens"]
 
@@ -145,8 +152,7 @@ def test_ddp_resume_equals_the_uninterrupted_run(ddp, tiny_llama, instruction_fi
                          f"train.resume={ddp_run / 'checkpoints' / 'step-000002'}")
     result = _ok(torchrun(args, cache_dir))
     assert "resuming     from" in result.stdout
-    resumed, uninterrupted = _summary(out), _summary(ddp_run)
-    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6)
+    assert _losses(out) == pytest.approx(_losses(ddp_run), rel=1e-6)
     for key, value in _adapter(out / "adapter").items():
         torch.testing.assert_close(value, _adapter(ddp_run / "adapter")[key], rtol=1e-5, atol=1e-6)
 
@@ -204,8 +210,7 @@ def test_fsdp2_runs_on_cpu_ranks(fsdp):
 
 
 def test_fsdp_loss_curve_matches_ddp(fsdp, ddp):
-    fsdp_losses = [loss for _, loss in _summary(fsdp[0])["losses"]]
-    ddp_losses = [loss for _, loss in _summary(ddp[0])["losses"]]
+    fsdp_losses, ddp_losses = _losses(fsdp[0]), _losses(ddp[0])
     # FSDP runs bf16 mixed precision (its shards are bf16), DDP float32: equal to bf16 rounding.
     assert fsdp_losses == pytest.approx(ddp_losses, rel=5e-3)
     assert fsdp_losses[-1] < fsdp_losses[0]
