@@ -278,3 +278,56 @@ def test_dist_fsdp_selects_fsdp_with_the_plain_loss():
     assert cfg.dist.strategy == "fsdp" and cfg.speed.loss_chunk_size == 0
     assert config_problems(cfg, cuda_available=False, bf16_supported=False) == []
     assert compose(["output_dir=/tmp/unused"]).dist.strategy == "auto"
+
+
+LLAMA_70B = dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, intermediate_size=28672, vocab_size=128256, max_position_embeddings=8192)
+
+
+def _llama_70b_cfg(*overrides: str):
+    from finetune.run import compose
+
+    cfg = compose(["output_dir=/tmp/unused", "model.random_init=true", "model.name_or_path=llama-70b-shapes",
+                   "quant.quant_storage=bfloat16", "train.batch_size=1", "data.max_length=2048", *overrides])
+    cfg.model.architecture, cfg.model.architecture_of = dict(LLAMA_70B), None  # shapes only: no weights are built
+    return cfg
+
+
+def test_footprint_per_rank_on_llama_70b_shapes():
+    from finetune.footprint import estimate_footprint, estimate_training_peak
+
+    fsdp_cfg, ddp_cfg = _llama_70b_cfg("dist=fsdp"), _llama_70b_cfg()
+    fp = estimate_footprint(fsdp_cfg, "", "nf4")
+    one = {name: size for name, size in estimate_training_peak(ddp_cfg, "", fp).parts}
+    base_one = next(size for name, size in one.items() if name.startswith("base weights"))
+    lora_one = next(size for name, size in one.items() if name.startswith("LoRA parameters"))
+    block = (fp.quantized_bytes - fp.quant_state) // 80
+    totals = []
+    for n in (2, 4, 8):
+        # DDP: every rank holds everything one process does.
+        assert estimate_training_peak(ddp_cfg, "", fp, n).total == sum(one.values())
+        peak = estimate_training_peak(fsdp_cfg, "", fp, n)
+        parts = dict(peak.parts)
+
+        def part(prefix: str, parts=parts) -> int:
+            return next(size for name, size in parts.items() if name.startswith(prefix))
+        assert part(f"base weights, 1/{n}") == (base_one - fp.quant_state) // n
+        assert part("4-bit constants, whole") == fp.quant_state  # outside the parameters: not sharded
+        assert part("two decoder blocks gathered") == 2 * block
+        assert part("output head gathered in bf16") == 128256 * 8192 * 2
+        assert part("LoRA parameters") == lora_one // n
+        assert part("layer checkpoints") == one[next(k for k in one if k.startswith("layer checkpoints"))]
+        totals.append(peak.total)
+    assert totals[0] > totals[1] > totals[2]
+    # llama-70B in NF4 (about 36 GiB of packed weights) does not fit one 24 GiB card, and does on 8.
+    assert sum(one.values()) > 40 * 2**30 and totals[2] < 24 * 2**30
+
+
+def test_footprint_cli_takes_the_world_size(tiny_llama, cache_dir):
+    result = run_cli([f"model.name_or_path={tiny_llama}", "dist=fsdp", "quant.quant_storage=bfloat16", "world_size=4"],
+                     cache_dir, module="finetune.footprint")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training peak estimate for this recipe, per rank of 4 (FSDP)" in result.stdout
+    assert "base weights, 1/4 of the parameters" in result.stdout
+    bad = run_cli([f"model.name_or_path={tiny_llama}", "world_size=0"], cache_dir, module="finetune.footprint")
+    assert bad.returncode != 0 and "world_size='0'" in bad.stderr
