@@ -235,6 +235,10 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         report.print_start(cfg, source=source, footprint=footprint, trainable=trainable, total=total, data=data,
                            world_size=accelerator.num_processes, device=device,
                            mixed_precision=accelerator.mixed_precision, run_dir=run_dir, strategy=strategy(accelerator))
+        if cfg.dist.strategy == "fsdp" and not fsdp:
+            print("[finetune] dist.strategy=fsdp: this launch is one process with no process group, so nothing is "
+                  "sharded; it trains as a single process (launch with torchrun or accelerate launch to shard)",
+                  flush=True)
         if fsdp and cfg.sample.prompts:
             print("[finetune] sample.prompts are not generated under FSDP (generation would need every rank in "
                   "step); load the adapter with `python -m finetune.generate` instead", flush=True)

@@ -331,3 +331,50 @@ def test_footprint_cli_takes_the_world_size(tiny_llama, cache_dir):
     assert "base weights, 1/4 of the parameters" in result.stdout
     bad = run_cli([f"model.name_or_path={tiny_llama}", "world_size=0"], cache_dir, module="finetune.footprint")
     assert bad.returncode != 0 and "world_size='0'" in bad.stderr
+
+
+NONFINITE_ON_RANK_1 = '''
+import json, torch
+from accelerate import Accelerator
+from transformers import LlamaConfig, LlamaForCausalLM
+from finetune.config import SpeedConfig, TrainConfig
+from finetune.loop import build_optimizer, build_scheduler, train_step
+from finetune.run import process_state
+
+process_state()
+accelerator = Accelerator(cpu=True)
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2))
+with torch.no_grad():
+    model.get_input_embeddings().weight[31] = float("inf")  # token 31: only rank 1's batch has it
+params = list(model.parameters())
+train = TrainConfig(warmup_steps=0)
+optimizer = build_optimizer(params, train)
+scheduler = build_scheduler(optimizer, train)
+model, optimizer = accelerator.prepare(model, optimizer)
+ids = torch.randint(0, 31, (2, 8), generator=torch.Generator().manual_seed(accelerator.process_index))
+if accelerator.process_index == 1:
+    ids[0, 3] = 31
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+before = [p.detach().clone() for p in params]
+outcome = train_step(model, optimizer, scheduler, [batch], accelerator=accelerator, params=params,
+                     speed=SpeedConfig(loss_chunk_size=0), max_grad_norm=1.0)
+print("RESULT", json.dumps({"rank": accelerator.process_index, "finite": outcome.finite, "loss": str(outcome.loss),
+                            "unchanged": all(torch.equal(a, b) for a, b in zip(before, params))}), flush=True)
+'''
+
+
+def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(cache_dir, tmp_path):
+    script = tmp_path / "nonfinite.py"
+    script.write_text(NONFINITE_ON_RANK_1)
+    env = {**cli_env(cache_dir), "MASTER_PORT": str(_free_port())}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines()
+                    if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1]
+    # Rank 0's own loss was finite; the step's loss is summed over the ranks first, so both skip.
+    assert all(not r["finite"] and r["unchanged"] for r in ranks), ranks
+    assert ranks[0]["loss"] == ranks[1]["loss"]
