@@ -57,6 +57,9 @@ def config_problems(cfg: Config, *, cuda_available: bool, bf16_supported: bool) 
         p.append(f"speed.cuda_graphs=true cannot accumulate gradients (train.grad_accum={t.grad_accum}): the next "
                  "micro-batch's graph replay overwrites them; set train.grad_accum=1 (and a larger "
                  "train.batch_size) or speed.cuda_graphs=false")
+    if cfg.dist.cpu_offload and not cuda_available:
+        p.append("dist.cpu_offload=true moves FSDP's shards between a GPU and the CPU; on the CPU there is nothing "
+                 "to offload: remove dist.cpu_offload")
     return p + fsdp_problems(cfg)
 
 

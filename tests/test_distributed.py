@@ -278,6 +278,10 @@ def test_dist_fsdp_selects_fsdp_with_the_plain_loss():
     assert cfg.dist.strategy == "fsdp" and cfg.speed.loss_chunk_size == 0
     assert config_problems(cfg, cuda_available=False, bf16_supported=False) == []
     assert compose(["output_dir=/tmp/unused"]).dist.strategy == "auto"
+    offload = compose(["output_dir=/tmp/unused", "dist=fsdp", "quant.quant_storage=bfloat16", "dist.cpu_offload=true"])
+    assert config_problems(offload, cuda_available=True, bf16_supported=True) == []
+    assert "remove dist.cpu_offload" in config_problems(offload, cuda_available=False, bf16_supported=False)[0]
+    assert "use dist=fsdp" in compose(["output_dir=/tmp/unused", "dist.cpu_offload=true"]).problems()[0]
 
 
 LLAMA_70B = dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
