@@ -82,10 +82,6 @@ def fsdp_problems(cfg: Config) -> list[str]:
                  "modules: remove quant.device_map")
     if q.max_memory:
         p.append("dist.strategy=fsdp places every shard itself; remove quant.max_memory")
-    if s.loss_chunk_size > 0:
-        p.append(f"speed.loss_chunk_size={s.loss_chunk_size}: the chunked loss reads the output head's weight "
-                 "outside the model's forward, where FSDP keeps it sharded; set speed.loss_chunk_size=0 "
-                 "(dist=fsdp does)")
     if s.compile:
         p.append("speed.compile=true is not supported with dist.strategy=fsdp (compiled blocks are not "
                  "tested under FSDP2's hooks); set speed.compile=false")
