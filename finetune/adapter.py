@@ -80,19 +80,25 @@ def check_saved_adapter(model, folder: Path, *, trained: bool) -> None:
         raise CheckpointError("refusing to save a broken adapter:\n  - " + "\n  - ".join(problems))
 
 
-def write_adapter_files(model, folder: Path, *, trained: bool) -> None:
-    """PEFT's standard adapter files (never the base weights) into `folder`, checked after writing."""
-    model.save_pretrained(str(folder), safe_serialization=True, selected_adapters=[model.active_adapter])
+def write_adapter_files(model, folder: Path, *, trained: bool, state_dict: Optional[dict] = None) -> None:
+    """PEFT's standard adapter files (never the base weights) into `folder`, checked after writing.
+
+    Only the active adapter is written (a DPO reference copy never is). `state_dict`: the model's full
+    (gathered) state where the model itself holds only shards (FSDP).
+    """
+    model.save_pretrained(str(folder), safe_serialization=True, selected_adapters=[model.active_adapter],
+                          state_dict=state_dict)
     missing = [f for f in ADAPTER_FILES if not (folder / f).exists()]
     if missing:
         raise CheckpointError(f"PEFT did not write {missing} into {folder}")
     check_saved_adapter(model, folder, trained=trained)
 
 
-def save_adapter(model, final: Path, manifest: dict[str, Any], *, trained: bool = True) -> Path:
+def save_adapter(model, final: Path, manifest: dict[str, Any], *, trained: bool = True,
+                 state_dict: Optional[dict] = None) -> Path:
     """Save the adapter atomically; `trained` also refuses LoRA B matrices that never left zero."""
     with disk_errors("the adapter", final), atomic_directory(final, manifest) as tmp:
-        write_adapter_files(model, tmp, trained=trained)
+        write_adapter_files(model, tmp, trained=trained, state_dict=state_dict)
     return final
 
 

@@ -59,6 +59,48 @@ class TrainState:
     history: list = field(default_factory=list)  # [step, {lr, tokens_per_s, objective metrics}] of applied steps
 
 
+SHARDED = "sharded"  # FSDP: the LoRA weights and optimizer state, one file per rank (torch.distributed.checkpoint)
+
+
+def _shard_file(rank: int) -> str:
+    return f"{SHARDED}/__{rank}_0.distcp"  # the file name DCP's default planner gives each rank
+
+
+def _sharded_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # The frozen base is not training state (it is rebuilt from the base model); strict=False
+    # because the model's state then lacks the base's keys.
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def save_sharded_state(folder: Path, model, optimizer) -> None:
+    """Every rank writes its shard of the LoRA weights and optimizer state into `folder` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer.optimizer, options=_sharded_state_options())
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def load_sharded_state(folder: Path, model, optimizer) -> None:
+    """Every rank reads its shard of the LoRA weights and optimizer state back (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer.optimizer, options=_sharded_state_options())
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_sharded_state_options())
+
+
+def missing_shards(folder: Path, world_size: int) -> list[str]:
+    """The files of a sharded state that are not in `folder`: DCP's metadata and every rank's shard."""
+    return [name for name in [f"{SHARDED}/.metadata", *(_shard_file(r) for r in range(world_size))]
+            if not (folder / name).is_file()]
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
 
@@ -100,10 +142,14 @@ def save_checkpoint(
 
     Every process writes its own RNG states into the staging folder; the main process writes the
     rest and the manifest, and renames it. With several processes the run folder must be on a
-    filesystem they share. The optimizer state is the main process's: under DDP every process holds
-    the same one (sharded optimizers, FSDP or DeepSpeed ZeRO, are not supported here).
+    filesystem they share. Under DDP the optimizer state is the main process's (every process holds
+    the same one). Under FSDP every rank writes its shard of the LoRA weights and optimizer state
+    (torch.distributed.checkpoint); the main process commits the folder only once it has found
+    every rank's shard, so a checkpoint is complete or absent as with one process.
     """
     from accelerate.utils import broadcast_object_list
+
+    from finetune.distributed import full_adapter_state, is_fsdp
 
     final = checkpoint_dir(run_dir, state.step)
     is_main = accelerator.is_main_process
@@ -117,19 +163,30 @@ def save_checkpoint(
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
         write_torch(staging / _rng_file(accelerator.process_index), rng_state())
+        fsdp = is_fsdp(accelerator)
+        adapter_state = full_adapter_state(accelerator, model)  # under FSDP a collective
+        if fsdp:
+            save_sharded_state(staging / SHARDED, model, optimizer)
         accelerator.wait_for_everyone()
         if is_main:
             try:
+                missing = missing_shards(staging, accelerator.num_processes) if fsdp else []
+                if missing:
+                    raise CheckpointError(f"the sharded state of step {state.step} is incomplete (no {missing[0]}): "
+                                          "a rank's write was lost; the checkpoint is not committed")
                 (staging / "adapter").mkdir()
-                write_adapter_files(accelerator.unwrap_model(model), staging / "adapter", trained=False)
+                write_adapter_files(accelerator.unwrap_model(model), staging / "adapter", trained=False,
+                                    state_dict=adapter_state)
                 write_manifest(staging / "adapter", manifest)  # a standalone adapter, loadable by itself
-                write_torch(staging / "optimizer.pt", optimizer.state_dict())
+                if not fsdp:
+                    write_torch(staging / "optimizer.pt", optimizer.state_dict())
                 write_torch(staging / "scheduler.pt", scheduler.state_dict())
                 if accelerator.scaler is not None:
                     write_torch(staging / "scaler.pt", accelerator.scaler.state_dict())
                 write_json_atomic(staging / TRAINER_STATE, {
                     **asdict(state), "sampler": sampler.state_dict(),
                     "world_size": accelerator.num_processes, "batch_size": sampler.batch_size,
+                    "strategy": "fsdp" if fsdp else "ddp",
                 })
                 commit_directory(staging, final, {**manifest, "kind": CHECKPOINT_KIND, "step": state.step})
             except BaseException:
@@ -158,7 +215,8 @@ def verify_checkpoint(folder: Path) -> list[str]:
     if manifest.get("kind") != CHECKPOINT_KIND:
         return [f"{folder} is a {manifest.get('kind', 'folder')}, not a training checkpoint "
                 "(an adapter holds no optimizer or data state): pass a checkpoints/step-N folder"]
-    required = [TRAINER_STATE, "optimizer.pt", "scheduler.pt", "adapter/adapter_model.safetensors", _rng_file(0)]
+    optimizer = f"{SHARDED}/.metadata" if f"{SHARDED}/.metadata" in manifest["files"] else "optimizer.pt"
+    required = [TRAINER_STATE, optimizer, "scheduler.pt", "adapter/adapter_model.safetensors", _rng_file(0)]
     return [f"{folder / name} is missing" for name in required if name not in manifest["files"]]
 
 
@@ -204,7 +262,8 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
     return path
 
 
-def check_resumable(checkpoint: Path, fingerprint: dict[str, str], cfg: Config, world_size: int) -> list[str]:
+def check_resumable(checkpoint: Path, fingerprint: dict[str, str], cfg: Config, world_size: int,
+                    fsdp: bool = False) -> list[str]:
     """Refuse a checkpoint trained on something else; return notes on training settings that changed.
 
     Base model, quantization, LoRA, tokenizer and data must be the same (by fingerprint), and the
@@ -221,6 +280,11 @@ def check_resumable(checkpoint: Path, fingerprint: dict[str, str], cfg: Config, 
             f"the batch layout changed (train.batch_size {state['batch_size']} -> {cfg.train.batch_size}, processes "
             f"{state['world_size']} -> {world_size}): the saved data position counts batches of the old layout"
         )
+    saved_strategy = state.get("strategy", "ddp")
+    if saved_strategy != ("fsdp" if fsdp else "ddp"):
+        problems.append(f"the checkpoint's optimizer state was saved {'sharded by FSDP' if saved_strategy == 'fsdp' else 'whole'}"
+                        f", but this run {'shards it (FSDP)' if fsdp else 'keeps it whole'}: resume with "
+                        f"dist.strategy={saved_strategy}")
     if saved_train["optimizer"] != cfg.train.optimizer:
         problems.append(f"train.optimizer changed ({saved_train['optimizer']} -> {cfg.train.optimizer}): "
                         "the saved optimizer state is for the old one")
@@ -259,12 +323,17 @@ def load_checkpoint(checkpoint: Path, *, accelerator, model, optimizer, schedule
     """
     from peft.utils import set_peft_model_state_dict
 
+    from finetune.distributed import is_fsdp
+
     state = json.loads((checkpoint / TRAINER_STATE).read_text())
-    weights = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{checkpoint} has adapter tensors this model lacks, e.g. {result.unexpected_keys[0]}")
-    load_optimizer_state(optimizer, read_torch(checkpoint / "optimizer.pt"))
+    if is_fsdp(accelerator):
+        load_sharded_state(checkpoint / SHARDED, model, optimizer)
+    else:
+        weights = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
+        if result.unexpected_keys:
+            raise CheckpointError(f"{checkpoint} has adapter tensors this model lacks, e.g. {result.unexpected_keys[0]}")
+        load_optimizer_state(optimizer, read_torch(checkpoint / "optimizer.pt"))
     scheduler.load_state_dict(read_torch(checkpoint / "scheduler.pt"))
     if accelerator.scaler is not None:
         if not (checkpoint / "scaler.pt").exists():

@@ -445,6 +445,28 @@ class LogConfig:
         return []
 
 
+DIST_STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass
+class DistConfig:
+    """How several processes (torchrun / accelerate launch) share the work; one process ignores it."""
+
+    strategy: str = "auto"
+    """auto: DDP when launched on several processes. ddp: every rank holds the whole quantized base,
+    LoRA gradients are averaged. fsdp: FSDP2, the base (4-bit weights stored as bfloat16), LoRA and
+    optimizer state sharded per decoder block across ranks, for a base that does not fit one device."""
+    cpu_offload: bool = False
+    """fsdp: keep the sharded parameters in CPU memory between uses (for small cards; slower)."""
+
+    def problems(self) -> list[str]:
+        p = one_of("dist.strategy", self.strategy, DIST_STRATEGIES)
+        if self.cpu_offload and self.strategy != "fsdp":
+            p.append(f"dist.cpu_offload=true offloads FSDP's shards, but dist.strategy={self.strategy}: "
+                     "use dist=fsdp, or remove dist.cpu_offload")
+        return p
+
+
 @dataclass
 class Config:
     """A whole run."""
@@ -457,6 +479,7 @@ class Config:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     output_dir: str = "runs/default"
     """The run folder: resolved config, adapter, checkpoints, summary."""
 
@@ -606,7 +629,7 @@ def suggest_key(key: str, known: list[str]) -> Optional[str]:
 
 
 # Top-level names Hydra takes besides the schema's keys: the config groups of recipes/.
-HYDRA_GROUPS = ("recipe", "model", "quant", "lora", "data", "train", "speed")
+HYDRA_GROUPS = ("recipe", "model", "quant", "lora", "data", "train", "speed", "dist")
 
 
 def normalize_overrides(overrides: list[str]) -> tuple[list[str], list[str], list[str]]:

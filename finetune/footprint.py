@@ -1,6 +1,6 @@
 """Memory of a base in every quantization mode, and a recipe's training peak, before anything loads.
 
-    python -m finetune.footprint recipe=bloom_nf4 [key=value ...] [measure=true]
+    python -m finetune.footprint recipe=bloom_nf4 [key=value ...] [measure=true] [world_size=N]
 
 prints a table of the base's footprint per mode (nf4, fp4, int8, none) and an estimate of the
 training peak for the recipe as composed, so a user knows whether it fits before launching.
@@ -47,6 +47,14 @@ The training peak is the sum of
                     vocab x hidden x 2 B (when the unquantized weights were upcast)
 
 with batch = train.batch_size and seq = data.max_length (the longest a batch can be padded to).
+
+Per rank with several processes (`world_size=N`): under DDP each rank holds all of the above. Under
+FSDP (`dist=fsdp`) each rank holds 1/N of the parameters (the 4-bit weights too: stored as
+bfloat16), of the LoRA gradients and of the optimizer state, plus what FSDP gathers whole for the
+computation: two decoder blocks (the one running and the next, prefetched) and the output head in
+bf16 (kept from the end of the forward to the start of the backward). The 4-bit constants live
+outside the parameters (in `quant_state`), so every rank holds all of them. Activations are per
+rank's batch and unsharded.
 It leaves out the CUDA context and allocator slack (not in torch.cuda.max_memory_allocated either).
 """
 
@@ -204,8 +212,9 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footprint] = None) -> PeakEstimate:
-    """The recipe's training peak, part by part (see the module docstring for each formula)."""
+def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footprint] = None,
+                           world_size: int = 1) -> PeakEstimate:
+    """The recipe's training peak on one rank of `world_size`, part by part (module docstring: each formula)."""
     from finetune.source import meta_model
 
     q, t, lo = cfg.quant, cfg.train, cfg.lora
@@ -227,10 +236,23 @@ def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footpri
     if lo.dropout > 0:
         # lora_dropout keeps a dropped copy of each adapted layer's input: about 3 x hidden + inter a layer.
         one_layer += tokens * (3 * hidden + inter) * 2
-    parts = [
-        ("base weights" + (" (unquantized parameters upcast to fp32)" if upcast else ""), weights),
-        (f"LoRA parameters + gradients, fp32 ({lora:,} parameters)", lora * 8),
-        (f"optimizer state ({t.optimizer})", lora * OPTIMIZER_BYTES.get(t.optimizer, 8)),
+    fsdp = getattr(getattr(cfg, "dist", None), "strategy", "auto") == "fsdp"
+    n = world_size if fsdp else 1
+    if fsdp:
+        block = (fp.quantized_bytes - fp.quant_state) // layers  # one block's packed 4-bit weights
+        parts = [
+            (f"base weights, 1/{n} of the parameters" + (" (unquantized upcast to fp32)" if upcast else ""),
+             (weights - fp.quant_state) // n),
+            ("4-bit constants, whole on every rank (outside the parameters)", fp.quant_state),
+            ("two decoder blocks gathered whole (running + prefetched)", 2 * block),
+            (f"output head gathered in bf16 ({vocab:,} x {hidden} x 2 B)", vocab * hidden * 2),
+        ]
+    else:
+        parts = [("base weights" + (" (unquantized parameters upcast to fp32)" if upcast else ""), weights)]
+    shard = f", 1/{n} per rank" if n > 1 else ""
+    parts += [
+        (f"LoRA parameters + gradients, fp32 ({lora:,} parameters{shard})", lora * 8 // n),
+        (f"optimizer state ({t.optimizer}{shard})", lora * OPTIMIZER_BYTES.get(t.optimizer, 8) // n),
     ]
     if t.gradient_checkpointing:
         parts += [
@@ -250,7 +272,7 @@ def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footpri
                       rows * vocab * LOGIT_BYTES_CHUNKED + tokens * hidden * 2))
     else:
         parts.append((f"logits and loss ({batch} x {seq} x {vocab:,} x {LOGIT_BYTES} B)", tokens * vocab * LOGIT_BYTES))
-    if upcast:
+    if upcast and not fsdp:  # under FSDP the head is gathered in bf16 (above)
         parts.append((f"bf16 copy of the fp32 output head ({vocab:,} x {hidden} x 2 B)", vocab * hidden * 2))
     return PeakEstimate(parts)
 
@@ -283,16 +305,22 @@ def footprint_table(rows: list[Footprint], measured: Optional[dict[str, tuple[in
     return "\n".join(lines)
 
 
-def _parse_args(argv: list[str]) -> tuple[list[str], bool]:
-    overrides, measure = [], False
+def _parse_args(argv: list[str]) -> tuple[list[str], bool, int]:
+    """(config overrides, measure=, world_size=): the last two are this tool's own arguments."""
+    overrides, measure, world_size = [], False, 1
     for item in argv:
         if item.startswith("measure="):
             measure = item.split("=", 1)[1].lower() in ("1", "true", "yes")
+        elif item.startswith("world_size="):
+            value = item.split("=", 1)[1]
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"finetune.footprint: world_size={value!r}: give the number of ranks, e.g. world_size=4")
+            world_size = int(value)
         else:
             overrides.append(item)
     if not any(o.startswith("output_dir=") for o in overrides):
         overrides.append("output_dir=runs/footprint")  # composing needs one; nothing is written
-    return overrides, measure
+    return overrides, measure, world_size
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -301,7 +329,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from finetune.run import compose
     from finetune.source import default_cache_dir, module_names, resolve_model_source
 
-    overrides, measure = _parse_args(sys.argv[1:] if argv is None else argv)
+    overrides, measure, world_size = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = compose(overrides)
     except ConfigError as e:
@@ -330,8 +358,10 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"{rows[0].quantized_params:,} of them in quantizable linear layers), compute {cfg.quant.compute_dtype}\n")
     print(footprint_table(rows, measured or None))
     mine = next(r for r in rows if r.mode == cfg.quant.mode)
-    peak = estimate_training_peak(cfg, source, mine)
-    print(f"\ntraining peak estimate for this recipe: quant.mode={cfg.quant.mode}, batch {cfg.train.batch_size} x "
+    peak = estimate_training_peak(cfg, source, mine, world_size)
+    ranks = "" if world_size == 1 else (f", per rank of {world_size} "
+                                        f"({'FSDP' if cfg.dist.strategy == 'fsdp' else 'DDP'})")
+    print(f"\ntraining peak estimate for this recipe{ranks}: quant.mode={cfg.quant.mode}, batch {cfg.train.batch_size} x "
           f"{cfg.data.max_length} tokens, LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}, "
           f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}\n")
     width = max(len(name) for name, _ in peak.parts)

@@ -30,8 +30,10 @@ from finetune.checkpoint import TrainState, check_resumable, load_checkpoint, re
 from finetune.config import Config, ConfigError, SpeedConfig, TrainConfig
 from finetune.curves import write_run_curves
 from finetune.data import Collator, PreparedData, build_datasets
+from finetune.distributed import full_adapter_state, is_fsdp, make_accelerator, set_wrap_class, strategy
 from finetune.fingerprint import run_fingerprint
 from finetune.generate import generate_samples
+from finetune.loss import IGNORE_INDEX
 from finetune.model import build_model, count_parameters
 from finetune.objectives import SupervisedObjective, add_reference_copy, objective_for
 from finetune.preference import PairCollator, build_preference_datasets
@@ -39,6 +41,7 @@ from finetune.sampler import EpochBatches
 from finetune.signals import StopSignals
 from finetune.source import load_tokenizer
 from finetune.speed import batch_widths
+from finetune.speed.compile import decoder_blocks
 
 
 @dataclass
@@ -162,10 +165,16 @@ def eval_batches(data: PreparedData, t: TrainConfig, collate, accelerator: Accel
     """This process's share of the eval split (train.eval_batches of them at most), in order."""
     if data.eval is None:
         return []
-    batches = EpochBatches(
-        data.eval, t.batch_size, collate, seed=t.seed, shuffle=False, drop_last=False,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-    ).one_epoch()
+    sharded = EpochBatches(data.eval, t.batch_size, collate, seed=t.seed, shuffle=False, drop_last=False,
+                           rank=accelerator.process_index, world_size=accelerator.num_processes)
+    batches = sharded.one_epoch()
+    # Every process runs the same number of forwards (under FSDP each one is a collective): a process
+    # short of the others' count repeats a batch with every label ignored, which adds nothing.
+    if len(batches) < sharded.batches_per_epoch():
+        first = batches[0] if batches else next(iter(EpochBatches(data.eval, t.batch_size, collate, seed=t.seed,
+                                                                  shuffle=False, drop_last=False)))
+        padding = {**first, "labels": torch.full_like(first["labels"], IGNORE_INDEX)}
+        batches += [padding] * (sharded.batches_per_epoch() - len(batches))
     return batches if t.eval_batches is None else batches[: t.eval_batches]
 
 
@@ -201,8 +210,8 @@ def train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path] =
 
 def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path], stop: StopSignals) -> RunResult:
     t = cfg.train
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision(), log_with="wandb" if cfg.log.wandb else None,
-                              project_dir=str(run_dir))
+    accelerator = make_accelerator(cfg, run_dir, cfg.mixed_precision())
+    fsdp = is_fsdp(accelerator)
     set_seed(t.seed)  # python, numpy, torch and CUDA generators, on every process
     device, is_main = accelerator.device, accelerator.is_main_process
     started = time.perf_counter()
@@ -225,7 +234,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     # What the trained state depends on (base, quant, LoRA, tokenizer, data), recorded in every
     # checkpoint and adapter; a checkpoint of anything else is refused here, before the model loads.
     fingerprint = run_fingerprint(cfg, source, tokenizer, data.train, data.eval)
-    changed = check_resumable(resume_from, fingerprint, cfg, accelerator.num_processes) if resume_from else []
+    changed = check_resumable(resume_from, fingerprint, cfg, accelerator.num_processes, fsdp) if resume_from else []
     if is_main:  # the launch is accepted: its resolved config becomes the run's record
         with disk_errors("config.json", run_dir):
             write_json_atomic(run_dir / "config.json", OmegaConf.to_container(OmegaConf.structured(cfg)))
@@ -242,6 +251,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         if t.objective == "dpo" and not t.dpo_reference_free:
             add_reference_copy(model)
     trainable, total = count_parameters(model)
+    set_wrap_class(accelerator, type(decoder_blocks(model)[0]).__name__)
 
     # 3. Optimizer over the adapter parameters only. The scheduler stays unprepared: accelerate's
     # wrapper would step it once per process.
@@ -261,7 +271,14 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     if is_main:
         report.print_start(cfg, source=source, footprint=footprint, trainable=trainable, total=total, data=data,
                            world_size=accelerator.num_processes, device=device,
-                           mixed_precision=accelerator.mixed_precision, run_dir=run_dir)
+                           mixed_precision=accelerator.mixed_precision, run_dir=run_dir, strategy=strategy(accelerator))
+        if cfg.dist.strategy == "fsdp" and not fsdp:
+            print("[finetune] dist.strategy=fsdp: this launch is one process with no process group, so nothing is "
+                  "sharded; it trains as a single process (launch with torchrun or accelerate launch to shard)",
+                  flush=True)
+        if fsdp and cfg.sample.prompts:
+            print("[finetune] sample.prompts are not generated under FSDP (generation would need every rank in "
+                  "step); load the adapter with `python -m finetune.generate` instead", flush=True)
         if resume_from:
             print(f"resuming     from {resume_from} (step {state.step} of {t.max_steps})"
                   + "".join(f"\n             changed since: {line}" for line in changed), flush=True)
@@ -269,7 +286,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         if data.eval is not None:
             state.evals.append([0, evaluate(model, eval_batches(data, t, collate, accelerator), accelerator, cfg.speed,
                                             objective)])
-        if is_main:
+        if is_main and not fsdp:
             # Under autocast as in training: the adapters expect the autocast dtype (model.prepare_for_training).
             with accelerator.autocast():
                 state.samples_before = generate_samples(accelerator.unwrap_model(model), tokenizer, cfg.data,
@@ -362,15 +379,19 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
                                                   cfg.speed, objective)])
         accelerator.log(eval_log(state.evals[-1][1], t), step=t.max_steps)
     accelerator.wait_for_everyone()
+    adapter_state = full_adapter_state(accelerator, model)  # under FSDP a collective: every rank gathers
     summary: dict = {}
     if is_main:
         unwrapped = accelerator.unwrap_model(model)
         # Checked on the way out: every LoRA tensor there, all finite, none still all zero.
         adapter_dir = save_adapter(unwrapped, run_dir / "adapter",
-                                   adapter_manifest(cfg, source=source, step=t.max_steps, fingerprint=fingerprint))
+                                   adapter_manifest(cfg, source=source, step=t.max_steps, fingerprint=fingerprint),
+                                   state_dict=adapter_state)
         peak, peak_kind = peak_memory_gib(device)
-        with accelerator.autocast():
-            samples_after = generate_samples(unwrapped, tokenizer, cfg.data, cfg.sample, data.format)
+        samples_after = []
+        if not fsdp:
+            with accelerator.autocast():
+                samples_after = generate_samples(unwrapped, tokenizer, cfg.data, cfg.sample, data.format)
         summary = {
             "steps": t.max_steps,
             "objective": t.objective,

@@ -114,6 +114,31 @@ def _decoder_and_head(model):
     return decoder, head
 
 
+def _is_wrapped(model) -> bool:
+    """Whether the model is wrapped for several processes (DDP, or FSDP2's root): its own forward must run,
+    since it sets up what the backward needs (DDP's gradient reduction, FSDP's gathering of shards)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, (FSDPModule, DistributedDataParallel))
+
+
+def _hidden_through_root(model, decoder, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's output, from a call of the whole (wrapped) model with the head run on one position only.
+
+    Called directly, the decoder would skip the wrapper: under DDP no gradient would be reduced, under
+    FSDP the head would stay sharded. After the root's forward FSDP keeps the output head's unit
+    gathered until the backward, so its weight can be read.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handle = decoder.register_forward_hook(lambda module, args, out: captured.update(hidden=out.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured["hidden"]
+
+
 def supports_chunked_loss(model) -> bool:
     return _decoder_and_head(model) is not None
 
@@ -136,13 +161,15 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 
     """
     inputs = model_inputs(batch)
     labels = batch["labels"][:, 1:]
-    parts = _decoder_and_head(model) if chunk_size > 0 else None
+    wrapped = _is_wrapped(model)
+    parts = _decoder_and_head(getattr(model, "module", model) if wrapped else model) if chunk_size > 0 else None
     if parts is None:
         logits = model(**inputs).logits[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     decoder, head = parts
-    hidden = decoder(**inputs).last_hidden_state[:, :-1]
+    hidden = (_hidden_through_root(model, decoder, inputs) if wrapped
+              else decoder(**inputs).last_hidden_state)[:, :-1]
     flat_hidden = hidden.reshape(-1, hidden.size(-1))
     return _FrozenHeadCrossEntropy.apply(flat_hidden, head.weight, head.bias, labels.reshape(-1), chunk_size, compiled)
 

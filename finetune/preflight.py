@@ -59,6 +59,34 @@ def config_problems(cfg: Config, *, cuda_available: bool, bf16_supported: bool) 
         p.append(f"speed.cuda_graphs=true cannot accumulate gradients (train.grad_accum={t.grad_accum}): the next "
                  "micro-batch's graph replay overwrites them; set train.grad_accum=1 (and a larger "
                  "train.batch_size) or speed.cuda_graphs=false")
+    if cfg.dist.cpu_offload and not cuda_available:
+        p.append("dist.cpu_offload=true moves FSDP's shards between a GPU and the CPU; on the CPU there is nothing "
+                 "to offload: remove dist.cpu_offload")
+    return p + fsdp_problems(cfg)
+
+
+def fsdp_problems(cfg: Config) -> list[str]:
+    """What FSDP (dist.strategy=fsdp) cannot shard or run, each with its fix."""
+    if cfg.dist.strategy != "fsdp":
+        return []
+    q, s = cfg.quant, cfg.speed
+    p = []
+    if q.mode == "int8":
+        p.append("dist.strategy=fsdp cannot shard LLM.int8 weights (quant.mode=int8: int8 tensors with their scales "
+                 "outside the parameter); use quant.mode=nf4 quant.quant_storage=bfloat16, or dist=ddp")
+    elif q.mode in ("nf4", "fp4") and q.quant_storage != "bfloat16":
+        # FSDP2 shards floating-point parameters with the mixed-precision policy; accelerate leaves
+        # integer-stored 4-bit weights out of sharding (every rank would hold the whole base).
+        p.append(f"dist.strategy=fsdp needs the 4-bit weights stored as bfloat16 to shard them with the bf16 "
+                 f"parameters (quant.quant_storage={q.quant_storage}): set quant.quant_storage=bfloat16")
+    if q.device_map:
+        p.append("dist.strategy=fsdp places every shard itself, one per rank; quant.device_map would place whole "
+                 "modules: remove quant.device_map")
+    if q.max_memory:
+        p.append("dist.strategy=fsdp places every shard itself; remove quant.max_memory")
+    if s.compile:
+        p.append("speed.compile=true is not supported with dist.strategy=fsdp (compiled blocks are not "
+                 "tested under FSDP2's hooks); set speed.compile=false")
     return p
 
 

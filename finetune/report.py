@@ -19,7 +19,7 @@ def _rule(title: str) -> str:
 
 def print_start(
     cfg: Config, *, source: str, footprint: int, trainable: int, total: int, data, world_size: int,
-    device: torch.device, mixed_precision: str, run_dir: Path,
+    device: torch.device, mixed_precision: str, run_dir: Path, strategy: str = "single process",
 ) -> None:
     t = cfg.train
     global_batch = t.batch_size * t.grad_accum * world_size
@@ -33,8 +33,9 @@ def print_start(
         f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(cfg.lora.target_modules)}",
         f"data         {cfg.data.path} as {data.format}",
         *[f"             {line}" for line in data.report.lines()],
-        f"steps        {t.max_steps} x {global_batch} rows (batch {t.batch_size} x accum {t.grad_accum} x "
-        f"{world_size} process(es)), lr {t.lr:g} {t.lr_scheduler}, optimizer {t.optimizer}",
+        f"processes    {world_size} ({strategy})",
+        f"steps        {t.max_steps} x {global_batch} rows (global batch: {t.batch_size} per rank x accum "
+        f"{t.grad_accum} x {world_size} rank(s)), lr {t.lr:g} {t.lr_scheduler}, optimizer {t.optimizer}",
         f"device       {device}, mixed precision {mixed_precision}, "
         f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
         f"output       {run_dir}",

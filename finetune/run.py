@@ -19,6 +19,17 @@ from finetune.preflight import output_dir_problems, preflight
 RECIPES = str(Path(__file__).resolve().parent.parent / "recipes")
 
 
+def process_state() -> PartialState:
+    """This process's place in the launch (torchrun, accelerate launch, or plain python), set up once.
+
+    Without CUDA the ranks are a CPU job on gloo: accelerate joins CPU processes into one process
+    group only when told the run is a CPU run, and the first PartialState fixes that for good.
+    """
+    import torch
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def compose(overrides: Optional[list[str]] = None) -> Config:
     """The typed config that `python -m finetune OVERRIDES...` would run (output_dir must be given).
 
@@ -64,11 +75,11 @@ def run(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None):
     from finetune.loop import train
 
     run_dir = Path(run_dir)
+    is_main = process_state().is_main_process  # before anything else asks accelerate which process this is
     problems = output_dir_problems(run_dir)
     if problems:  # a folder that cannot hold the lock (a file, read-only, full): said with every other problem
         preflight(cfg, run_dir, cache_dir)
         raise ConfigError(problems)
-    is_main = PartialState().is_main_process
     with locked_run_folder(run_dir):
         source, resume_from = preflight(cfg, run_dir, cache_dir)
         if is_main:
