@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -704,17 +704,19 @@ def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
         raise DataError("label masking needs a fast tokenizer (offset mappings): load it with use_fast=True")
 
 
-def _encode(
-    ds: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, fmt: str, split: str, first: bool
+def encode_split(
+    ds: datasets.Dataset, cfg: DataConfig, encoder, features: datasets.Features, split: str, first: bool,
+    what: str = "split",
 ) -> tuple[datasets.Dataset, _Counts]:
-    """Tokenize and label `ds`, drop the rows that cannot be trained on, and count them by reason."""
+    """Tokenize and label `ds` with `encoder` (a batched map function giving input and why-dropped
+    columns), drop the rows that cannot be trained on, and count them by reason."""
     mapped = ds.map(
-        _Encoder(cfg, tokenizer, fmt),
+        encoder,
         batched=True,
         remove_columns=ds.column_names,
-        features=_FEATURES,
+        features=features,
         num_proc=cfg.num_proc,
-        desc=f"tokenizing split {split!r}",
+        desc=f"tokenizing {what} {split!r}",
     )
     drops = Counter(mapped["_drop"])
     reasons: dict[str, tuple[int, str]] = {}
@@ -739,26 +741,8 @@ def _encode(
     return kept, counts
 
 
-def _nothing_left(cfg: DataConfig, split: str, counts: _Counts) -> DataError:
-    if counts.rows == 0:
-        return DataError(f"split {split!r} of {cfg.path} has no rows")
-    fixes = []
-    if counts.empty:
-        fixes.append("check the data.*_field settings name the right columns")
-    if counts.too_long:
-        fixes.append(f"raise data.max_length={cfg.max_length} or set data.length_policy=truncate")
-    if counts.no_target:
-        fixes.append(f"raise data.max_length={cfg.max_length} (the prompt fills it) or add an assistant turn")
-    return DataError(
-        f"all {counts.rows} rows of split {split!r} of {cfg.path} were dropped:\n  - "
-        + "\n  - ".join(_reason_lines(counts.reasons))
-        + "\n" + "; ".join(fixes)
-    )
-
-
-def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
-    """Load, render, tokenize and label the train (and eval) data described by `cfg`."""
-    _check_tokenizer(tokenizer)
+def raw_splits(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The train split and the eval split (if data.eval_split names one), cut to data.max_samples."""
     raw = load_raw(cfg)
     train_raw = _split(raw, cfg.split, "split", cfg.path)
     eval_raw = _split(raw, cfg.eval_split, "eval_split", cfg.path) if cfg.eval_split else None
@@ -766,22 +750,30 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         train_raw = train_raw.select(range(min(cfg.max_samples, len(train_raw))))
         if eval_raw is not None:
             eval_raw = eval_raw.select(range(min(cfg.max_samples, len(eval_raw))))
-    fmt = resolve_format(cfg, train_raw.column_names)
+    return train_raw, eval_raw
 
-    train, counts = _encode(train_raw, cfg, tokenizer, fmt, cfg.split, first=True)
+
+def encoded_splits(
+    cfg: DataConfig, train_raw: datasets.Dataset, eval_raw: datasets.Dataset | None,
+    encode: Callable[[datasets.Dataset, str, bool], tuple[datasets.Dataset, _Counts]],
+    require_columns: Callable[[Sequence[str], str], None], seed: int, unit: str = "rows",
+) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
+    """Encode the train split and the eval split (or hold out data.eval_fraction of train), and report
+    the counts; `encode(ds, split, first)` is encode_split with the format's encoder."""
+    train, counts = encode(train_raw, cfg.split, True)
     if len(train) == 0:
         raise _nothing_left(cfg, cfg.split, counts)
     evaluation = None
     if eval_raw is not None:
-        _require_columns(cfg, fmt, eval_raw.column_names, f"split {cfg.eval_split!r}")
-        evaluation, eval_counts = _encode(eval_raw, cfg, tokenizer, fmt, cfg.eval_split, first=False)
+        require_columns(eval_raw.column_names, f"split {cfg.eval_split!r}")
+        evaluation, eval_counts = encode(eval_raw, cfg.eval_split, False)
         if len(evaluation) == 0:
             raise _nothing_left(cfg, cfg.eval_split, eval_counts)
         counts.add(eval_counts)
     elif cfg.eval_fraction > 0:
         if len(train) < 2:
             raise DataError(
-                f"data.eval_fraction={cfg.eval_fraction} needs at least 2 rows, {len(train)} left; "
+                f"data.eval_fraction={cfg.eval_fraction} needs at least 2 {unit}, {len(train)} left; "
                 "set data.eval_fraction=0"
             )
         held_out = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
@@ -803,6 +795,36 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
     train = train.remove_columns(_HELPER_COLUMNS)
     if evaluation is not None:
         evaluation = evaluation.remove_columns(_HELPER_COLUMNS)
+    return train, evaluation, report
+
+def _nothing_left(cfg: DataConfig, split: str, counts: _Counts) -> DataError:
+    if counts.rows == 0:
+        return DataError(f"split {split!r} of {cfg.path} has no rows")
+    fixes = []
+    if counts.empty:
+        fixes.append("check the data.*_field settings name the right columns")
+    if counts.too_long:
+        fixes.append(f"raise data.max_length={cfg.max_length} or set data.length_policy=truncate")
+    if counts.no_target:
+        fixes.append(f"raise data.max_length={cfg.max_length} (the prompt fills it) or add an assistant turn")
+    return DataError(
+        f"all {counts.rows} rows of split {split!r} of {cfg.path} were dropped:\n  - "
+        + "\n  - ".join(_reason_lines(counts.reasons))
+        + "\n" + "; ".join(fixes)
+    )
+
+
+def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
+    """Load, render, tokenize and label the train (and eval) data described by `cfg`."""
+    _check_tokenizer(tokenizer)
+    train_raw, eval_raw = raw_splits(cfg)
+    fmt = resolve_format(cfg, train_raw.column_names)
+    encoder = _Encoder(cfg, tokenizer, fmt)
+    train, evaluation, report = encoded_splits(
+        cfg, train_raw, eval_raw,
+        lambda ds, split, first: encode_split(ds, cfg, encoder, _FEATURES, split, first),
+        lambda columns, what: _require_columns(cfg, fmt, columns, what), seed,
+    )
     if cfg.packing:
         train = pack(train, cfg.max_length)
         evaluation = pack(evaluation, cfg.max_length) if evaluation is not None else None

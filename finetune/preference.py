@@ -12,7 +12,6 @@ policy (and the reference) scores both halves of every pair in one forward pass,
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,23 +22,20 @@ from jinja2.exceptions import TemplateError
 
 from finetune.config import DataConfig
 from finetune.data import (
-    _DROP_REASONS,
     IGNORE_INDEX,
     Collator,
     DataError,
-    DataReport,
     PreparedData,
     _check_tokenizer,
-    _Counts,
     _Encoder,
     _instruction_prefix,
     _InvalidRow,
     _messages,
-    _nothing_left,
-    _split,
     _text,
     _with_system,
-    load_raw,
+    encode_split,
+    encoded_splits,
+    raw_splits,
 )
 
 if TYPE_CHECKING:
@@ -48,7 +44,6 @@ if TYPE_CHECKING:
 FORMAT = "preference"
 _SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 SIDES = ("chosen", "rejected")
-_HELPER_COLUMNS = ["_drop", "_why", "_truncated", "_n_tokens", "_n_target"]
 _FEATURES = datasets.Features(
     {
         **{f"{side}_{k}": datasets.List(datasets.Value("int32")) for side in SIDES for k in ("input_ids", "labels")},
@@ -179,35 +174,6 @@ class _PairEncoder(_Encoder):
         return full, [(a, b) for a, b in spans if a >= prompt_end]
 
 
-def _encode(
-    ds: datasets.Dataset, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str, first: bool
-) -> tuple[datasets.Dataset, _Counts]:
-    """Tokenize and label the pairs of `ds`, drop the ones that cannot be trained on, and count them by reason."""
-    mapped = ds.map(
-        _PairEncoder(cfg, tokenizer),
-        batched=True,
-        remove_columns=ds.column_names,
-        features=_FEATURES,
-        num_proc=cfg.num_proc,
-        desc=f"tokenizing pairs of split {split!r}",
-    )
-    drops = Counter(mapped["_drop"])
-    reasons: dict[str, tuple[int, str]] = {}
-    if len(drops) > 1 or "" not in drops:
-        # Rows are numbered from 1 as they stand in the split (a .jsonl line), as data.py numbers them.
-        where = "" if first else f" of split {split!r}"
-        for i, (drop, why) in enumerate(zip(mapped["_drop"], mapped["_why"], strict=True)):
-            if drop:
-                reason = f"with {why}" if drop == "empty" else _DROP_REASONS[drop]
-                detail = f", {why}" if drop == "too_long" else ""
-                n, example = reasons.get(reason, (0, f"row {i + 1}{where}{detail}"))
-                reasons[reason] = (n + 1, example)
-    kept = mapped.filter(lambda drop: drop == "", input_columns="_drop", num_proc=cfg.num_proc)
-    counts = _Counts(rows=len(ds), empty=drops["empty"], too_long=drops["too_long"], no_target=drops["no_target"],
-                     truncated=sum(kept["_truncated"]), reasons=reasons)
-    return kept, counts
-
-
 def build_preference_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     """Load, render, tokenize and label the train (and eval) pairs described by `cfg`.
 
@@ -219,50 +185,14 @@ def build_preference_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBas
     if cfg.packing:
         raise DataError("data.packing=true cannot pack chosen/rejected pairs; set data.packing=false")
     _check_tokenizer(tokenizer)
-    raw = load_raw(cfg)
-    train_raw = _split(raw, cfg.split, "split", cfg.path)
-    eval_raw = _split(raw, cfg.eval_split, "eval_split", cfg.path) if cfg.eval_split else None
-    if cfg.max_samples is not None:
-        train_raw = train_raw.select(range(min(cfg.max_samples, len(train_raw))))
-        if eval_raw is not None:
-            eval_raw = eval_raw.select(range(min(cfg.max_samples, len(eval_raw))))
+    train_raw, eval_raw = raw_splits(cfg)
     _require_columns(cfg, train_raw.column_names, f"split {cfg.split!r}")
-
-    train, counts = _encode(train_raw, cfg, tokenizer, cfg.split, first=True)
-    if len(train) == 0:
-        raise _nothing_left(cfg, cfg.split, counts)
-    evaluation = None
-    if eval_raw is not None:
-        _require_columns(cfg, eval_raw.column_names, f"split {cfg.eval_split!r}")
-        evaluation, eval_counts = _encode(eval_raw, cfg, tokenizer, cfg.eval_split, first=False)
-        if len(evaluation) == 0:
-            raise _nothing_left(cfg, cfg.eval_split, eval_counts)
-        counts.add(eval_counts)
-    elif cfg.eval_fraction > 0:
-        if len(train) < 2:
-            raise DataError(
-                f"data.eval_fraction={cfg.eval_fraction} needs at least 2 pairs, {len(train)} left; "
-                "set data.eval_fraction=0"
-            )
-        held_out = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
-        train, evaluation = held_out["train"], held_out["test"]
-
-    report = DataReport(
-        rows=counts.rows,
-        kept=len(train) + (len(evaluation) if evaluation is not None else 0),
-        dropped_empty=counts.empty,
-        dropped_too_long=counts.too_long,
-        dropped_no_target=counts.no_target,
-        truncated=counts.truncated,
-        drop_reasons=counts.reasons,
-        train_rows=len(train),
-        eval_rows=len(evaluation) if evaluation is not None else 0,
-        train_tokens=sum(train["_n_tokens"]),
-        target_tokens=sum(train["_n_target"]),
+    encoder = _PairEncoder(cfg, tokenizer)
+    train, evaluation, report = encoded_splits(
+        cfg, train_raw, eval_raw,
+        lambda ds, split, first: encode_split(ds, cfg, encoder, _FEATURES, split, first, what="pairs of split"),
+        lambda columns, what: _require_columns(cfg, columns, what), seed, unit="pairs",
     )
-    train = train.remove_columns(_HELPER_COLUMNS)
-    if evaluation is not None:
-        evaluation = evaluation.remove_columns(_HELPER_COLUMNS)
     return PreparedData(train=train, eval=evaluation, report=report, format=FORMAT)
 
 
