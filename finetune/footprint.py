@@ -68,6 +68,7 @@ from typing import Optional
 
 import torch
 
+from finetune.cli import fail
 from finetune.config import QUANT_MODES, Config, ConfigError
 
 BLOCK_4BIT = 64  # bitsandbytes' 4-bit blocksize on CUDA and CPU
@@ -314,7 +315,7 @@ def _parse_args(argv: list[str]) -> tuple[list[str], bool, int]:
         elif item.startswith("world_size="):
             value = item.split("=", 1)[1]
             if not value.isdigit() or int(value) < 1:
-                raise SystemExit(f"finetune.footprint: world_size={value!r}: give the number of ranks, e.g. world_size=4")
+                fail("footprint", f"world_size={value!r}: give the number of ranks, e.g. world_size=4")
             world_size = int(value)
         else:
             overrides.append(item)
@@ -333,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         cfg = compose(overrides)
     except ConfigError as e:
-        raise SystemExit(f"finetune.footprint: {e}") from None
+        fail("footprint", f"{e}")
     cuda = torch.cuda.is_available()
     # Only the checks the estimate depends on, as on the GPU the recipe is meant for: a footprint is
     # often estimated on another machine than the one that will train.
@@ -343,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     source = resolve_model_source(cfg.model, default_cache_dir(), seed=cfg.train.seed) if needs_weights else ""
     problems += quant_module_problems(cfg.quant, module_names(source, cfg.model))
     if problems:
-        raise SystemExit(f"finetune.footprint: {ConfigError(problems)}")
+        fail("footprint", f"{ConfigError(problems)}")
 
     rows = [estimate_footprint(cfg, source, mode) for mode in QUANT_MODES]
     measured: dict[str, tuple[int, int]] = {}

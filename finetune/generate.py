@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-from finetune.config import DataConfig, SampleConfig, suggest_key
+from finetune.cli import fail, parse_key_values
+from finetune.config import DataConfig, SampleConfig
 from finetune.data import encode_prompt
 
 
@@ -47,24 +48,14 @@ KEYS = {"adapter": None, "prompt": None, "max_new_tokens": "64", "sample": "fals
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     """key=value arguments; `prompt` may repeat. Unknown keys fail with the key that was meant."""
-    values, prompts, problems = {k: v for k, v in KEYS.items() if v is not None}, [], []
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep:
-            problems.append(f"'{item}' is not key=value (keys: {', '.join(KEYS)})")
-        elif key == "prompt":
-            prompts.append(value)
-        elif key not in KEYS:
-            hint = suggest_key(key, list(KEYS))
-            problems.append(f"unknown key '{key}'" + (f": did you mean '{hint}'?" if hint else f"; keys: {', '.join(KEYS)}"))
-        else:
-            values[key] = value
+    values, lists, problems = parse_key_values(argv, KEYS, repeated=("prompt",))
+    prompts = lists["prompt"]
     if "adapter" not in values:
         problems.append("adapter=RUN_DIR is required (the run folder printed at the end of training)")
     if not prompts:
         problems.append("give at least one prompt=\"...\"")
     if problems:
-        raise SystemExit("finetune.generate: " + "\n  ".join(["bad arguments:", *problems]))
+        fail("generate", "\n  ".join(["bad arguments:", *problems]))
     return values, prompts
 
 
@@ -77,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, tokenizer, cfg = load_adapter(values["adapter"])
     except CheckpointError as e:
-        raise SystemExit(f"finetune.generate: {e}") from None
+        fail("generate", str(e))
     fmt = cfg.data.format
     if fmt == "auto":  # the format training resolved from the data's columns
         fmt = resolve_format(cfg.data, load_raw(cfg.data)[cfg.data.split].column_names)

@@ -28,20 +28,18 @@ class GGUFExportError(ValueError):
 
 def check_architecture(folder: str | Path) -> dict[str, Any]:
     """The model's config.json, if its architecture and tokenizer can be exported; else GGUFExportError."""
-    from finetune.merge import MergeError
-
     config = json.loads((Path(folder) / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise MergeError(f"format=gguf supports the llama-architecture families ({', '.join(sorted(ARCHITECTURES))}; "
+        raise GGUFExportError(f"format=gguf supports the llama-architecture families ({', '.join(sorted(ARCHITECTURES))}; "
                          f"SmolLM2 is llama), not model_type={model_type}; use format=hf and convert with llama.cpp's "
                          "convert_hf_to_gguf.py")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", "default") not in ("default", None):
-        raise MergeError(f"format=gguf does not write rope scaling ({rope.get('rope_type')}) yet; use format=hf")
+        raise GGUFExportError(f"format=gguf does not write rope scaling ({rope.get('rope_type')}) yet; use format=hf")
     tokenizer = json.loads((Path(folder) / "tokenizer.json").read_text()) if (Path(folder) / "tokenizer.json").is_file() else {}
     if tokenizer and tokenizer.get("model", {}).get("type") != "BPE":
-        raise MergeError("format=gguf writes byte-level BPE (gpt2-style) tokenizers only; this model's is "
+        raise GGUFExportError("format=gguf writes byte-level BPE (gpt2-style) tokenizers only; this model's is "
                          f"{tokenizer.get('model', {}).get('type')}; use format=hf")
     return config
 
@@ -111,7 +109,7 @@ def export_gguf(folder: Path, path: Path, gguf_type: str = "f16", *, log: Callab
     import gguf
     from safetensors import safe_open
 
-    from finetune.merge import source_tensor_files
+    from finetune.source import safetensors_files
 
     if gguf_type not in GGUF_TYPES:
         raise GGUFExportError(f"gguf_type={gguf_type} is not one of {', '.join(GGUF_TYPES)}")
@@ -143,7 +141,7 @@ def export_gguf(folder: Path, path: Path, gguf_type: str = "f16", *, log: Callab
     _add_tokenizer(writer, folder, gguf)
 
     # Pass 1: names, shapes and types for the header; pass 2 converts and writes one tensor at a time.
-    files = source_tensor_files(str(folder))
+    files = safetensors_files(str(folder))
     plan = []
     for f in files:
         with safe_open(str(f), framework="pt") as st:

@@ -175,19 +175,6 @@ def dequantized_weight(weight: torch.Tensor, quant) -> torch.Tensor:
 # --------------------------------------------------------------------------------- streaming the base
 
 
-def source_tensor_files(source: str) -> list[Path]:
-    """The safetensors files of a local base folder."""
-    folder = Path(source)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise MergeError(f"the base at {source} has no model.safetensors (or index): the merge reads local safetensors "
-                     "weights only; save the base with save_pretrained(safe_serialization=True)")
-
-
 def merged_tensors(
     source: str,
     parts: AdapterParts,
@@ -206,8 +193,10 @@ def merged_tensors(
     """
     from safetensors import safe_open
 
+    from finetune.source import safetensors_files
+
     used_deltas, used_replaced = set(), set()
-    for path in source_tensor_files(source):
+    for path in safetensors_files(source):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 if name in parts.replaced and not skip_replaced:
@@ -368,7 +357,7 @@ def merge_adapter(
     from finetune.atomic import atomic_directory
     from finetune.parity import parity_report
     from finetune.quant import saved_quantization
-    from finetune.source import default_cache_dir, resolve_model_source
+    from finetune.source import default_cache_dir, resolve_model_source, safetensors_files
 
     started = time.perf_counter()
     out = Path(out)
@@ -390,6 +379,10 @@ def merge_adapter(
         check_architecture(source)
     dtype_name = dtype or (cfg.quant.compute_dtype if cfg.quant.compute_dtype in DTYPES else "bfloat16")
     torch_dtype = DTYPES[dtype_name]
+    try:
+        safetensors_files(source)  # the merge streams the base's safetensors, tensor by tensor
+    except FileNotFoundError as e:
+        raise MergeError(str(e)) from e
     parts = read_adapter_parts(adapter_dir)
     quantized = quantized_linear_names(source, cfg) if base == "dequantized" else set()
     info = {**manifest.data, "adapter_dir": str(adapter_dir)}
@@ -451,18 +444,9 @@ def arg_problems(*, base: str, dtype: Optional[str], format: str, gguf_type: str
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
-    from finetune.config import suggest_key
+    from finetune.cli import parse_key_values
 
-    values, problems = {k: v for k, v in KEYS.items() if v is not None}, []
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep:
-            problems.append(f"'{item}' is not key=value (keys: {', '.join(KEYS)})")
-        elif key not in KEYS:
-            hint = suggest_key(key, list(KEYS))
-            problems.append(f"unknown key '{key}'" + (f": did you mean '{hint}'?" if hint else f"; keys: {', '.join(KEYS)}"))
-        else:
-            values[key] = value
+    values, _, problems = parse_key_values(argv, KEYS)
     if "adapter" not in values:
         problems.append("adapter=RUN_DIR is required (the run folder printed at the end of training)")
     if "out" not in values:
@@ -507,6 +491,7 @@ def push_problems(repo: str) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     from finetune.atomic import CheckpointError
+    from finetune.gguf_export import GGUFExportError
     from finetune.parity import ParityError
 
     values = parse_args(sys.argv[1:] if argv is None else argv)
@@ -521,7 +506,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             max_shard_size=parse_size(values["max_shard_size"]), format=values["format"],
             gguf_type=values["gguf_type"], prompts=prompts, parity_rows=int(values["parity_rows"]),
         )
-    except (MergeError, CheckpointError) as e:
+    except (MergeError, GGUFExportError, CheckpointError) as e:
         fail([str(e)])
     except ParityError as e:
         fail([f"parity check FAILED: the merged model does not answer like the adapter; nothing was written to {values['out']}",

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from finetune.cli import fail
 from finetune.config import ConfigError
 from finetune.source import default_cache_dir
 
@@ -29,7 +30,7 @@ MANIFEST_KIND = "finetune-quantized-base"
 def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
     out = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
     if len(out) != 1 or not out[0]:
-        raise SystemExit("finetune.quantize: give the folder to write once, as out=DIR (e.g. out=bases/bloom-nf4)")
+        fail("quantize", "give the folder to write once, as out=DIR (e.g. out=bases/bloom-nf4)")
     overrides = [a for a in argv if not a.startswith("out=")]
     if not any(o.startswith("output_dir=") for o in overrides):
         overrides.append("output_dir=runs/quantize")  # composing needs one; nothing is written there
@@ -84,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         cfg = compose(overrides)
     except ConfigError as e:
-        raise SystemExit(f"finetune.quantize: {e}") from None
+        fail("quantize", f"{e}")
     cuda = torch.cuda.is_available()
     problems = quant_problems(cfg.quant, cfg.model, cuda_available=cuda) + quantize_problems(cfg)
     if out.exists():
@@ -93,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         source = resolve_model_source(cfg.model, default_cache_dir(), seed=cfg.train.seed)
         problems += quant_module_problems(cfg.quant, module_names(source, cfg.model))
     if problems:
-        raise SystemExit(f"finetune.quantize: {ConfigError(problems)}")
+        fail("quantize", f"{ConfigError(problems)}")
     save_quantized_base(cfg, out)
     print(f"finetune.quantize: wrote {cfg.model.name_or_path} as {describe(cfg.quant)} to {out}")
     print(f"train on it with:  python -m finetune {' '.join(o for o in overrides if not o.startswith(('model.', 'output_dir=')))} "

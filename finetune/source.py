@@ -8,6 +8,7 @@ check that needs the model's modules or shapes uses `meta_model`: a weightless c
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -94,3 +95,16 @@ def load_tokenizer(m: ModelConfig, source: str) -> PreTrainedTokenizerBase:
         # Padding positions carry label -100 and attention 0, so reusing eos as pad is safe.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def safetensors_files(source: str) -> list[Path]:
+    """The safetensors files of a local base folder; FileNotFoundError if it has none."""
+    folder = Path(source)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"the base at {source} has no model.safetensors (or index): the merge reads local safetensors "
+                     "weights only; save the base with save_pretrained(safe_serialization=True)")

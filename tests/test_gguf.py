@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.gguf_export import export_gguf
-from finetune.merge import MergeError
+from finetune.gguf_export import GGUFExportError, export_gguf
 
 # transformers' GGUF loader de-quantizes to fp32; f16 rounding of a bf16 model is exact or tiny,
 # Q8_0 (8-bit blocks of 32) moves logits more.
@@ -90,5 +89,5 @@ def test_gguf_tokenizer_and_chat_template_read_back(merged_llama, tmp_path):
 
 
 def test_gguf_refuses_other_architectures_naming_the_supported(tiny_bloom, tmp_path):
-    with pytest.raises(MergeError, match="llama.*mistral.*qwen2"):
+    with pytest.raises(GGUFExportError, match="llama.*mistral.*qwen2"):
         export_gguf(tiny_bloom, tmp_path / "b.gguf", "f16", log=lambda s: None)
