@@ -53,11 +53,18 @@ def main() -> None:
         return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=900)
 
-    def message(result: subprocess.CompletedProcess) -> str:
+    def message(result: subprocess.CompletedProcess, contains: str = "") -> str:
+        """The line a user reads first: the error's first problem, or the stdout line holding `contains`."""
         text = result.stderr if result.returncode else result.stdout
-        lines = [ln.strip() for ln in text.splitlines() if "finetune" in ln and ("error" in ln or "data:" in ln)]
-        lines += [ln.strip() for ln in text.splitlines() if ln.strip().startswith(("- ", "dropped", "data:"))]
-        return (lines[0] if lines else text.strip().splitlines()[-1] if text.strip() else "")[:150]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if contains:
+            lines = [ln for ln in lines if contains in ln] or lines
+        for i, line in enumerate(lines):
+            if "finetune" in line and "error" in line:
+                if line.endswith(":") and i + 1 < len(lines):
+                    return (line.split(":", 1)[0] + ": " + lines[i + 1].lstrip("- "))[:160]
+                return line[:160]
+        return (lines[0] if contains else lines[-1] if lines else "")[:160]
 
     finished = work / "finished"
     first = cli(finished, "train.save_every=1")
@@ -65,8 +72,8 @@ def main() -> None:
     record = snapshot(finished)
     table = []
 
-    def case(name: str, result: subprocess.CompletedProcess, lost: str = "none") -> None:
-        table.append((name, result.returncode, message(result), lost))
+    def case(name: str, result: subprocess.CompletedProcess, lost: str = "none", contains: str = "") -> None:
+        table.append((name, result.returncode, message(result, contains), lost))
         print(f"{name}: exit {result.returncode}", flush=True)
 
     numeric_out = [ln for ln in first.stdout.splitlines() if "rows read" in ln or "dropped" in ln]
@@ -79,8 +86,9 @@ def main() -> None:
     case("train.lr=fast", cli(work / "r5", "train.lr=fast"))
     case("output_dir is a file", cli(work / "a_file"))
     case("output_dir under a file", cli(work / "a_file" / "run"))
-    case("train.learning_rate=1e-3 (another tool's name)", cli(work / "r6", "train.learning_rate=1e-3", "train.max_steps=1"))
-    case("smoke run train.max_steps=3 on the default recipe's warmup", cli(work / "r7", "train.warmup_steps=5"))
+    case("train.learning_rate=1e-3 (another tool's name)", cli(work / "r6", "train.learning_rate=1e-3", "train.max_steps=1"),
+         contains="learning_rate")
+    case("train.warmup_steps=5 in a 3-step run", cli(work / "r7", "train.warmup_steps=5"), contains="warmup")
     case("other settings into a finished run", cli(finished, "lora.r=8"),
          "none" if snapshot(finished) == record else "CHANGED")
     case("other LoRA settings resumed into a finished run", cli(finished, "lora.r=8", "train.resume=auto",
@@ -104,7 +112,8 @@ def main() -> None:
     shutil.copytree(finished, copy)
     (copy / ".adapter.tmp-999999999-0badf00d").mkdir()
     case("a kill -9 during the final adapter write left its staging folder", cli(copy, "train.resume=auto",
-                                                                                   "train.max_steps=4"))
+                                                                                   "train.max_steps=4"),
+         contains="removed")
     corrupt = work / "corrupt"
     shutil.copytree(finished, corrupt)
     shutil.rmtree(corrupt / "adapter")
@@ -120,8 +129,9 @@ def main() -> None:
     result = cli(damaged, "train.resume=auto")
     table.append(("finished run whose final adapter is damaged, train.resume=auto", result.returncode,
                   next((ln for ln in result.stdout.splitlines() if "damaged" in ln), "")[:150],
-                  "none (rewritten from step 3)" if snapshot(damaged / "adapter") == snapshot(finished / "adapter")
-                  else "DIFFERENT"))
+                  "none (the weights rewritten from step 3 equal the original's)"
+                  if snapshot(damaged / "adapter")["adapter_model.safetensors"]
+                  == snapshot(finished / "adapter")["adapter_model.safetensors"] else "DIFFERENT"))
 
     print("\n| case | exit | message | data lost |\n|---|---|---|---|")
     for name, code, text, lost in table:

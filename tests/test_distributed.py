@@ -123,7 +123,7 @@ def test_only_rank_0_writes_and_every_rank_saves_its_rng(ddp):
                   "adapter/finetune_manifest.json", "finetune_manifest.json", "optimizer.pt",
                   "rng-rank000.pt", "rng-rank001.pt", "scheduler.pt", "trainer_state.json"]
     expected = sorted(
-        ["config.json", "summary.json", "adapter/README.md", "adapter/adapter_config.json",
+        ["config.json", "summary.json", "curves.png", "adapter/README.md", "adapter/adapter_config.json",
          "adapter/adapter_model.safetensors", "adapter/finetune_manifest.json"]
         + [f"checkpoints/step-{s:06d}/{f}" for s in (2, 4) for f in checkpoint]
     )

@@ -106,7 +106,7 @@ FAST_FAILURES = {
                                                   "1 with 'output' of type list (e.g. row 3)"]),
     "smaller than one batch": (["train.batch_size=64"], "good", ["fewer than one global batch",
                                                                "lower train.batch_size or add data"]),
-    "unknown config key": (["lora.rank=8"], "good", ["unknown config key 'lora.rank': did you mean 'lora.r'?"]),
+    "unknown config key": (["lora.alhpa=8"], "good", ["unknown config key 'lora.alhpa': did you mean 'lora.alpha'?"]),
     "lora.r=0": (["lora.r=0"], "good", ["lora.r must be a positive integer (got 0)"]),
     "missing target module": (["lora.target_modules=[q_projj]"], "good",
                               ["'q_projj', which this model does not have (did you mean 'q_proj'?)"]),
@@ -246,7 +246,7 @@ def test_an_adapter_is_refused_on_a_base_that_is_now_another_model(messy_run, ca
     # The manifest records the base, its quantization and the tokenizer, and their fingerprints.
     assert manifest["base_model"] == str(base) and manifest["quant"]["mode"] == "nf4"
     assert manifest["tokenizer"].endswith("no_pad0")
-    assert set(manifest["fingerprint"]) == {"base", "quant", "lora", "tokenizer", "data"}
+    assert set(manifest["fingerprint"]) == {"base", "quant", "lora", "tokenizer", "data", "objective"}
 
     # The base folder now holds another model of the same architecture (other weights).
     save_random_model(base, TINY_ARCHITECTURES["llama"], seed=1)
