@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -102,7 +103,9 @@ def main() -> None:
                               stderr=subprocess.PIPE, text=True)
     while not (live / ".finetune.lock").exists() and holder.poll() is None:
         time.sleep(0.2)
+    holder.send_signal(signal.SIGSTOP)  # hold the first run mid-launch, so the second surely meets it alive
     second = cli(live)
+    holder.send_signal(signal.SIGCONT)
     holder.communicate(timeout=900)
     from finetune.atomic import verify_directory
 
