@@ -399,6 +399,12 @@ class SpeedConfig:
     width_buckets: int = 4
     """With speed.compile: batches are padded to one of this many widths, evenly spaced up to
     data.max_length (multiples of 128), since each width compiles once; 1 pads every batch to max_length."""
+    mlp_chunk_size: int = 0
+    """Long context: run each decoder block's MLP this many tokens at a time, each slice checkpointed,
+    so its intermediates (several seq x intermediate tensors) exist for one slice only; 0 runs it whole."""
+    offload_checkpoints: bool = False
+    """Long context, with train.gradient_checkpointing: keep each checkpointed block's input in pinned
+    CPU memory between forward and backward instead of on the GPU (layers x seq x hidden x 2 B)."""
 
     def problems(self) -> list[str]:
         p = []
@@ -410,6 +416,11 @@ class SpeedConfig:
             p.append(f"speed.loss_chunk_size must be >= 0, 0 turns the chunked loss off (got {self.loss_chunk_size})")
         if self.width_buckets < 1:
             p.append(f"speed.width_buckets must be at least 1 (got {self.width_buckets}); 4 is a good start")
+        if self.mlp_chunk_size < 0:
+            p.append(f"speed.mlp_chunk_size must be >= 0, 0 runs the MLP whole (got {self.mlp_chunk_size})")
+        if self.compile and (self.mlp_chunk_size or self.offload_checkpoints):
+            p.append("speed.mlp_chunk_size and speed.offload_checkpoints run uncompiled blocks; set speed.compile=false "
+                     "(at long context attention dominates the step, which compiling does not speed up)")
         return p
 
 

@@ -242,7 +242,9 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     # 2. The frozen quantized base with LoRA adapters (and the speed settings) on top, the adapters
     # starting from a saved one if asked (lora.init_from: e.g. SFT before DPO, which is then also the
     # DPO reference, kept as a frozen second adapter on the same base).
-    model, footprint = build_model(cfg, source, device)
+    # Under FSDP on GPUs the base is quantized into CPU memory and each rank's GPU receives only its
+    # shards, one block at a time, as accelerate.prepare shards it: a base larger than one GPU loads.
+    model, footprint = build_model(cfg, source, device, stage_on_cpu=fsdp and device.type == "cuda")
     if cfg.lora.init_from:
         init = load_adapter_weights(model, cfg.lora.init_from)
         if init.data.get("fingerprint", {}).get("base") not in (None, fingerprint["base"]):

@@ -27,12 +27,14 @@ from finetune.speed import apply_speed
 from finetune.speed.alibi import FUSED_ALIBI_IMPLEMENTATIONS, use_fused_alibi_attention
 
 
-def build_model(cfg: Config, source: str, device: torch.device) -> tuple[Any, int]:
+def build_model(cfg: Config, source: str, device: torch.device, *, stage_on_cpu: bool = False) -> tuple[Any, int]:
     """The trainable model of a run: the quantized base, prepared, with LoRA and the speed settings.
 
     Returns it with the quantized base's memory footprint (before any fp32 upcast), for the summary.
+    `stage_on_cpu`: quantize into CPU memory and leave the model there, for FSDP to move each rank's
+    shards to `device` (see `load_base`).
     """
-    model = load_base(cfg.model, cfg.quant, source, device)
+    model = load_base(cfg.model, cfg.quant, source, device, stage_on_cpu=stage_on_cpu)
     footprint = model.get_memory_footprint()
     model = prepare_for_training(model, cfg.lora, cfg.quant, gradient_checkpointing=cfg.train.gradient_checkpointing,
                                  fp32_frozen=cfg.speed.fp32_frozen)
@@ -64,15 +66,18 @@ def max_memory_for(q: QuantConfig) -> dict[Any, str]:
     return {int(k) if str(k).isdigit() else str(k): str(v) for k, v in (q.max_memory or {}).items()}
 
 
-def load_base(m: ModelConfig, q: QuantConfig, source: str, device: torch.device):
-    """The frozen base model, quantized on load as `quant.mode` says.
+def load_base(m: ModelConfig, q: QuantConfig, source: str, device: torch.device, *, stage_on_cpu: bool = False):
+    """The frozen base model for `device`, quantized on load as `quant.mode` says.
 
     A folder saved already quantized (`python -m finetune.quantize`) loads with the quantization_config
     it was saved with; the preflight has made sure the recipe's quant.* says the same.
+    With `stage_on_cpu` the weights are quantized tensor by tensor into CPU memory (bitsandbytes
+    quantizes on the CPU too) and stay there: under FSDP, `fully_shard` then moves one decoder block
+    at a time to the GPU and keeps only this rank's shard, so no GPU ever holds the whole base.
     """
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype(q.compute_dtype),
-        device_map=device_map_for(q, device),
+        device_map=device_map_for(q, torch.device("cpu") if stage_on_cpu else device),
         revision=m.revision,
         trust_remote_code=m.trust_remote_code,
     )

@@ -59,6 +59,9 @@ def config_problems(cfg: Config, *, cuda_available: bool, bf16_supported: bool) 
         p.append(f"speed.cuda_graphs=true cannot accumulate gradients (train.grad_accum={t.grad_accum}): the next "
                  "micro-batch's graph replay overwrites them; set train.grad_accum=1 (and a larger "
                  "train.batch_size) or speed.cuda_graphs=false")
+    if s.offload_checkpoints and not t.gradient_checkpointing:
+        p.append("speed.offload_checkpoints=true offloads the inputs of checkpointed blocks, but "
+                 "train.gradient_checkpointing=false checkpoints none; turn checkpointing on or remove it")
     if cfg.dist.cpu_offload and not cuda_available:
         p.append("dist.cpu_offload=true moves FSDP's shards between a GPU and the CPU; on the CPU there is nothing "
                  "to offload: remove dist.cpu_offload")
@@ -91,6 +94,9 @@ def fsdp_problems(cfg: Config) -> list[str]:
     if s.compile:
         p.append("speed.compile=true is not supported with dist.strategy=fsdp (compiled blocks are not "
                  "tested under FSDP2's hooks); set speed.compile=false")
+    if s.offload_checkpoints:
+        p.append("speed.offload_checkpoints=true reruns blocks inside the backward pass, outside FSDP2's gather "
+                 "hooks; with dist.strategy=fsdp use dist.cpu_offload=true for memory instead")
     return p
 
 
@@ -120,6 +126,7 @@ def model_problems(cfg: Config, source: str, *, cuda_available: bool) -> list[st
     from finetune.source import meta_model
     from finetune.speed.alibi import FUSED_ALIBI_IMPLEMENTATIONS, fused_alibi_problems
     from finetune.speed.compile import decoder_blocks
+    from finetune.speed.long_context import single_input_mlp
 
     model = meta_model(source, cfg.model)
     names = [name for name, _ in model.named_modules()]
@@ -142,6 +149,9 @@ def model_problems(cfg: Config, source: str, *, cuda_available: bool) -> list[st
         if wanted > blocks:
             p.append(f"speed.blocks_without_checkpointing={wanted} but the model has {blocks} checkpointed decoder "
                      f"blocks; use a number from 0 to {blocks} (or train.gradient_checkpointing=false for none)")
+    if cfg.speed.mlp_chunk_size and not all(single_input_mlp(b) for b in decoder_blocks(model)):
+        p.append(f"speed.mlp_chunk_size runs a block's MLP on slices of the hidden states, but the MLP of "
+                 f"{config.model_type} takes more inputs (e.g. bloom's residual); set speed.mlp_chunk_size=0")
     return p
 
 

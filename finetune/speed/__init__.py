@@ -4,9 +4,11 @@
                   activations (speed.blocks_without_checkpointing); CUDA graphs (speed.cuda_graphs)
     recompute.py  what a compiled block keeps for backward and what it recomputes
     alibi.py      BLOOM's ALiBi attention through fused SDPA / FlexAttention kernels
+    long_context.py  the MLP run in slices of the sequence (speed.mlp_chunk_size) and checkpointed
+                  block inputs kept in CPU memory (speed.offload_checkpoints)
 
 Each is tested on the CPU against the plain path (tests/test_loss.py, test_recompute.py,
-test_attention.py). `apply_speed` is the one call the model builder makes.
+test_attention.py, test_long_context.py). `apply_speed` is the one call the model builder makes.
 """
 
 from finetune.speed.compile import apply_speed, batch_widths

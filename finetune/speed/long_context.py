@@ -1,0 +1,115 @@
+"""Memory that grows with the sequence: the MLP's intermediates and the checkpointed block inputs.
+
+At long context two terms dominate a checkpointed step (finetune/footprint.py counts them):
+
+    the MLP of the block being recomputed   seq x intermediate x 2 B, several times over (gate, up,
+                                            their product and the gradients: 4-5 of them)
+    the checkpointed block inputs           layers x seq x hidden x 2 B, held from forward to backward
+
+`chunk_mlps` (speed.mlp_chunk_size) runs each decoder block's MLP on slices of the sequence, each
+slice checkpointed, so the MLP's intermediates exist for one slice at a time; the MLP is per token,
+so the result is the same. `offload_checkpoints` (speed.offload_checkpoints) keeps each checkpointed
+block's input in pinned CPU memory instead of on the GPU between its forward and its backward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def single_input_mlp(block: torch.nn.Module):
+    """The block's MLP if its forward takes the hidden states alone (llama, mistral, qwen2, ...), else None."""
+    mlp = getattr(block, "mlp", None)
+    if not isinstance(mlp, torch.nn.Module):
+        return None
+    params = [p for p in inspect.signature(mlp.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return mlp if len(params) == 1 else None
+
+
+def chunk_mlps(blocks: list[torch.nn.Module], chunk: int) -> int:
+    """Run every block's MLP `chunk` tokens at a time, each chunk checkpointed; returns how many MLPs."""
+    count = 0
+    for block in blocks:
+        mlp = single_input_mlp(block)
+        if mlp is None:
+            raise ValueError(f"speed.mlp_chunk_size: the MLP of {type(block).__name__} does not take the hidden "
+                             "states alone; set speed.mlp_chunk_size=0")
+        mlp.finetune_unchunked_forward = mlp.forward
+        mlp.finetune_chunk = chunk
+        mlp.forward = types.MethodType(_chunked_mlp_forward, mlp)
+        count += 1
+    return count
+
+
+def _chunked_mlp_forward(mlp, hidden: torch.Tensor) -> torch.Tensor:
+    forward = mlp.finetune_unchunked_forward
+    if hidden.shape[-2] <= mlp.finetune_chunk or not torch.is_grad_enabled():
+        return forward(hidden)
+    pieces = hidden.split(mlp.finetune_chunk, dim=-2)
+    return torch.cat([checkpoint(forward, piece, use_reentrant=False) for piece in pieces], dim=-2)
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """A block run without saving anything on the GPU: its input goes to pinned CPU memory, and the
+    backward brings it back, reruns the block with the forward's RNG and autocast state, and
+    backpropagates through the rerun (reentrant checkpointing, with the one saved tensor offloaded)."""
+
+    @staticmethod
+    def forward(ctx, run: Callable, hidden: torch.Tensor) -> torch.Tensor:
+        ctx.run = run
+        ctx.device = hidden.device
+        ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
+                        torch.get_autocast_dtype(hidden.device.type))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.gpu_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        pinned = hidden.is_cuda and torch.cuda.is_available()
+        ctx.saved = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=pinned)
+        # Same stream as the block's kernels: the copy finishes before the memory can be reused.
+        ctx.saved.copy_(hidden.detach(), non_blocking=pinned)
+        with torch.no_grad():
+            return run(hidden)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        hidden = ctx.saved.to(ctx.device, non_blocking=True).requires_grad_(True)
+        ctx.saved = None
+        devices = [ctx.device] if ctx.gpu_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.gpu_rng is not None:
+                torch.cuda.set_rng_state(ctx.gpu_rng, ctx.device)
+            enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                out = ctx.run(hidden)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return None, hidden.grad
+
+
+def offloaded_checkpoint(run: Callable, hidden: torch.Tensor, *rest):
+    """Drop-in for transformers' `_gradient_checkpointing_func(run, hidden_states)`."""
+    if rest:
+        raise ValueError("speed.offload_checkpoints: this decoder block passes more than the hidden states "
+                         "positionally; set speed.offload_checkpoints=false")
+    if not hidden.requires_grad:
+        # The first block's input (frozen embeddings) needs no gradient, but the block's adapters do:
+        # the backward runs only for outputs that require grad.
+        hidden = hidden.detach().requires_grad_(True)
+    return _OffloadedCheckpoint.apply(run, hidden)
+
+
+def offload_checkpoints(blocks: list[torch.nn.Module]) -> int:
+    """Give each checkpointed block the offloading checkpoint; returns how many blocks."""
+    count = 0
+    for block in blocks:
+        if getattr(block, "gradient_checkpointing", False):
+            block._gradient_checkpointing_func = offloaded_checkpoint
+            count += 1
+    return count
