@@ -1,10 +1,11 @@
 """Memory of a base in every quantization mode, and a recipe's training peak, before anything loads.
 
-    python -m finetune.footprint recipe=bloom_nf4 [key=value ...] [measure=true] [world_size=N]
+    python -m finetune.footprint recipe=bloom_nf4 [key=value ...] [measure=true] [world_size=N] [longest_in=GiB]
 
 prints a table of the base's footprint per mode (nf4, fp4, int8, none) and an estimate of the
 training peak for the recipe as composed, so a user knows whether it fits before launching.
 `measure=true` also loads the base in each mode and prints the real figures beside the estimate.
+`longest_in=80` prints the longest data.max_length whose estimated peak fits in 80 GiB.
 
 Weights are counted from a weightless (meta-device) copy of the model on which transformers' own
 bitsandbytes quantizer has swapped the layers, so the same modules are quantized as in a real load:
@@ -32,7 +33,9 @@ The training peak is the sum of
                     batch x seq x (15 x hidden + 5 x intermediate) x 2 B (Korthikanti et al. 2022:
                     34 x hidden for intermediate = 4 x hidden; no seq^2 term with SDPA attention),
                     plus a dropped copy of each adapted layer's input when lora.dropout > 0;
-                    without checkpointing every layer's
+                    without checkpointing every layer's. With speed.mlp_chunk_size the
+                    5 x intermediate part counts one slice's tokens; with
+                    speed.offload_checkpoints the checkpoints live in CPU memory, two on the GPU
     logits          batch x seq x vocab x 12 B: the fp32 copy the loss is computed in, the saved
                     log-softmax and its gradient (the bf16 logits are freed by then). With bloom's
                     250,880-token vocabulary this term dominates. With the chunked loss
@@ -64,7 +67,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -208,6 +211,20 @@ def lora_parameter_count(cfg: Config, source: str) -> int:
     return int(trainable)
 
 
+_MODEL_FACTS: dict[str, tuple[Any, int]] = {}
+
+
+def _model_facts(cfg: Config, source: str) -> tuple[Any, int]:
+    """(text config, LoRA parameter count) of a recipe, built once per model and LoRA settings
+    (`longest_sequence` estimates many lengths of one recipe)."""
+    from finetune.source import meta_model
+
+    key = repr((source, cfg.model, cfg.lora))
+    if key not in _MODEL_FACTS:
+        _MODEL_FACTS[key] = _text_config(meta_model(source, cfg.model)), lora_parameter_count(cfg, source)
+    return _MODEL_FACTS[key]
+
+
 def _text_config(model):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -216,7 +233,6 @@ def _text_config(model):
 def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footprint] = None,
                            world_size: int = 1) -> PeakEstimate:
     """The recipe's training peak on one rank of `world_size`, part by part (module docstring: each formula)."""
-    from finetune.source import meta_model
 
     q, t, lo = cfg.quant, cfg.train, cfg.lora
     speed = getattr(cfg, "speed", None)
@@ -224,19 +240,21 @@ def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footpri
     # peft's k-bit recipe upcasts every unquantized parameter (not the buffers) to fp32.
     upcast = q.mode != "none" and getattr(speed, "fp32_frozen", True)
     chunk = getattr(speed, "loss_chunk_size", 0) if not lo.modules_to_save else 0
-    c = _text_config(meta_model(source, cfg.model))
+    c, lora = _model_facts(cfg, source)
     hidden, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
     inter = getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or 4 * hidden
     batch, seq = t.batch_size, cfg.data.max_length
     tokens = batch * seq
 
     weights = fp.total + (fp.other_params * 4 - fp.other_param_bytes if upcast else 0)
-    lora = lora_parameter_count(cfg, source)
     residual = 4 if upcast else _dtype_bytes(q.compute_dtype)
-    one_layer = tokens * (15 * hidden + 5 * inter) * 2
+    # speed.mlp_chunk_size: the MLP's intermediates exist for one slice of the sequence at a time.
+    mlp_chunk = getattr(speed, "mlp_chunk_size", 0)
+    mlp_tokens = batch * min(mlp_chunk, seq) if mlp_chunk else tokens
+    one_layer = (tokens * 15 * hidden + mlp_tokens * 5 * inter) * 2
     if lo.dropout > 0:
         # lora_dropout keeps a dropped copy of each adapted layer's input: about 3 x hidden + inter a layer.
-        one_layer += tokens * (3 * hidden + inter) * 2
+        one_layer += (tokens * 3 * hidden + mlp_tokens * inter) * 2
     fsdp = getattr(getattr(cfg, "dist", None), "strategy", "auto") == "fsdp"
     n = world_size if fsdp else 1
     if fsdp:
@@ -255,7 +273,13 @@ def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footpri
         (f"LoRA parameters + gradients, fp32 ({lora:,} parameters{shard})", lora * 8 // n),
         (f"optimizer state ({t.optimizer}{shard})", lora * OPTIMIZER_BYTES.get(t.optimizer, 8) // n),
     ]
-    if t.gradient_checkpointing:
+    if t.gradient_checkpointing and getattr(speed, "offload_checkpoints", False):
+        parts += [
+            (f"layer checkpoints: in pinned CPU memory ({_gib(layers * tokens * hidden * residual)} of host memory), "
+             f"two on the GPU in transit", 2 * tokens * hidden * residual),
+            ("one layer's activations, recomputed in backward", one_layer),
+        ]
+    elif t.gradient_checkpointing:
         parts += [
             (f"layer checkpoints ({layers} x {batch} x {seq} x {hidden} x {residual} B)", layers * tokens * hidden * residual),
             ("one layer's activations, recomputed in backward", one_layer),
@@ -276,6 +300,24 @@ def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footpri
     if upcast and not fsdp:  # under FSDP the head is gathered in bf16 (above)
         parts.append((f"bf16 copy of the fp32 output head ({vocab:,} x {hidden} x 2 B)", vocab * hidden * 2))
     return PeakEstimate(parts)
+
+
+def longest_sequence(cfg: Config, source: str, footprint: Footprint, world_size: int, budget: int,
+                     step: int = 1024) -> int:
+    """The longest data.max_length, a multiple of `step`, whose estimated peak fits in `budget` bytes (0: none)."""
+    def fits(length: int) -> bool:
+        at = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=length))
+        return estimate_training_peak(at, source, footprint, world_size).total <= budget
+
+    if not fits(step):
+        return 0
+    low, high = step, 2 * step  # fits(low) holds; grow high until it does not
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > step:
+        middle = (low + high) // 2 // step * step
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def _gib(n: float) -> str:
@@ -306,11 +348,17 @@ def footprint_table(rows: list[Footprint], measured: Optional[dict[str, tuple[in
     return "\n".join(lines)
 
 
-def _parse_args(argv: list[str]) -> tuple[list[str], bool, int]:
-    """(config overrides, measure=, world_size=): the last two are this tool's own arguments."""
-    overrides, measure, world_size = [], False, 1
+def _parse_args(argv: list[str]) -> tuple[list[str], bool, int, Optional[float]]:
+    """(config overrides, measure=, world_size=, longest_in=): the last three are this tool's own arguments."""
+    overrides, measure, world_size, longest_in = [], False, 1, None
     for item in argv:
-        if item.startswith("measure="):
+        if item.startswith("longest_in="):
+            value = item.split("=", 1)[1].lower().removesuffix("gib")
+            try:
+                longest_in = float(value)
+            except ValueError:
+                fail("footprint", f"{item}: give the GPU memory in GiB, e.g. longest_in=80")
+        elif item.startswith("measure="):
             measure = item.split("=", 1)[1].lower() in ("1", "true", "yes")
         elif item.startswith("world_size="):
             value = item.split("=", 1)[1]
@@ -321,7 +369,7 @@ def _parse_args(argv: list[str]) -> tuple[list[str], bool, int]:
             overrides.append(item)
     if not any(o.startswith("output_dir=") for o in overrides):
         overrides.append("output_dir=runs/footprint")  # composing needs one; nothing is written
-    return overrides, measure, world_size
+    return overrides, measure, world_size, longest_in
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -330,7 +378,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from finetune.run import compose
     from finetune.source import default_cache_dir, module_names, resolve_model_source
 
-    overrides, measure, world_size = _parse_args(sys.argv[1:] if argv is None else argv)
+    overrides, measure, world_size, longest_in = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = compose(overrides)
     except ConfigError as e:
@@ -373,6 +421,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         free, total = torch.cuda.mem_get_info(0)
         verdict = "fits" if peak.total < free else "does NOT fit"
         print(f"\nGPU 0 ({torch.cuda.get_device_name(0)}): {_gib(free)} free of {_gib(total)}: {verdict}")
+    if longest_in is not None:
+        longest = longest_sequence(cfg, source, mine, world_size, int(longest_in * 2**30))
+        print(f"\nlongest data.max_length for {longest_in:g} GiB at batch {cfg.train.batch_size} with these settings: "
+              + (f"{longest:,} tokens" if longest else "none (not even 1,024 tokens)"))
     print()
 
 

@@ -3,6 +3,8 @@ ratio each mode achieves, the training-peak arithmetic, and the `python -m finet
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from finetune.footprint import (
     LOGIT_BYTES_CHUNKED,
     estimate_footprint,
     estimate_training_peak,
+    longest_sequence,
     four_bit_state_bytes,
     measure_footprint,
 )
@@ -165,3 +168,23 @@ def test_estimate_equals_the_real_footprint_of_smollm2(mode):
     footprint, constants = measure_footprint(load_base(cfg.model, cfg.quant, str(_SMOLLM2), torch.device("cpu")))
     assert estimate.weights == pytest.approx(footprint, rel=0.01)
     assert estimate.quant_state == pytest.approx(constants, rel=0.03)
+
+
+def test_long_context_options_and_the_longest_length_that_fits(wide_llama):
+    _, parts = _peak_parts(wide_llama, "quant=nf4", "lora.dropout=0", "speed.fp32_frozen=false",
+                           "speed.mlp_chunk_size=8", "speed.offload_checkpoints=true")
+    tokens = 2 * 32
+    assert _part(parts, "one layer's") == (tokens * 15 * 256 + 2 * 8 * 5 * 1024) * 2  # the MLP: one 8-token slice
+    assert _part(parts, "layer checkpoints: in pinned CPU memory") == 2 * tokens * 256 * 2  # two in transit
+
+    cfg = _cfg(wide_llama, "train.batch_size=1", "lora.dropout=0")
+    footprint = estimate_footprint(cfg, str(wide_llama), "nf4")
+
+    def peak(length: int) -> int:
+        at = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=length))
+        return estimate_training_peak(at, str(wide_llama), footprint).total
+
+    budget = peak(5000)
+    longest = longest_sequence(cfg, str(wide_llama), footprint, 1, budget, step=256)
+    assert longest % 256 == 0 and peak(longest) <= budget < peak(longest + 256)
+    assert longest_sequence(cfg, str(wide_llama), footprint, 1, peak(256) - 1, step=256) == 0

@@ -8,7 +8,7 @@ At long context two terms dominate a checkpointed step (finetune/footprint.py co
 
 `chunk_mlps` (speed.mlp_chunk_size) runs each decoder block's MLP on slices of the sequence, each
 slice checkpointed, so the MLP's intermediates exist for one slice at a time; the MLP is per token,
-so the result is the same. `offload_checkpoints` (speed.offload_checkpoints) keeps each checkpointed
+so the result is the same (LoRA dropout draws its masks per slice: the same distribution, another draw). `offload_checkpoints` (speed.offload_checkpoints) keeps each checkpointed
 block's input in pinned CPU memory instead of on the GPU between its forward and its backward.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -49,9 +49,13 @@ def chunk_mlps(blocks: list[torch.nn.Module], chunk: int) -> int:
 
 def _chunked_mlp_forward(mlp, hidden: torch.Tensor) -> torch.Tensor:
     forward = mlp.finetune_unchunked_forward
-    if hidden.shape[-2] <= mlp.finetune_chunk or not torch.is_grad_enabled():
+    if hidden.shape[-2] <= mlp.finetune_chunk:
         return forward(hidden)
+    # Sliced with or without grad, so a rerun of the block (offload_checkpoints) draws the same
+    # dropout masks as its forward did.
     pieces = hidden.split(mlp.finetune_chunk, dim=-2)
+    if not torch.is_grad_enabled():
+        return torch.cat([forward(piece) for piece in pieces], dim=-2)
     return torch.cat([checkpoint(forward, piece, use_reentrant=False) for piece in pieces], dim=-2)
 
 
