@@ -340,13 +340,14 @@ def non_finite_probe(model, batches: list[dict]):
             import os
 
             os.environ["UNSLOTH_RETURN_LOGITS"] = "1"
+            device = next(self.model.parameters()).device
             try:
                 for i in range(len(b["input_ids"])):
                     keep = b["attention_mask"][i].bool()
-                    ids = b["input_ids"][i][keep][None].cuda()
+                    ids = b["input_ids"][i][keep][None].to(device)
                     self.first_module = None
-                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                        out = self.model(input_ids=ids, labels=b["labels"][i][keep][None].cuda())
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                        out = self.model(input_ids=ids, labels=b["labels"][i][keep][None].to(device))
                     logits = getattr(out, "logits", None)
                     print(f"DIAG step {step + 1} row {i} alone ({ids.shape[1]} tokens, ids {int(ids.min())}..{int(ids.max())}): "
                           f"loss {float(out.loss):.4f}, logits non-finite: {logits is not None and _nonfinite(logits)}, "
