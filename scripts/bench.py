@@ -246,9 +246,11 @@ def train_with_trainer(model, batches: list[dict], batch: int, diagnose: bool = 
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.losses, self._t = [], [], 0.0
+            self.times, self.losses, self.grad_norms, self._t = [], [], [], 0.0
 
         def on_step_begin(self, args, state, control, **kw):
+            # a marker between the libraries' own messages, so a problem can be placed at its step
+            print(f"STEP {state.global_step + 1}", file=sys.stderr, flush=True)
             torch.cuda.synchronize()
             self._t = time.perf_counter()
 
@@ -259,6 +261,7 @@ def train_with_trainer(model, batches: list[dict], batch: int, diagnose: bool = 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
+                self.grad_norms.append(float(logs.get("grad_norm", math.nan)))
 
     class InOrderTrainer(Trainer):
         # Same rows in the same order as our side, so the loss curves are comparable.
@@ -277,7 +280,7 @@ def train_with_trainer(model, batches: list[dict], batch: int, diagnose: bool = 
         InOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(0),
                        callbacks=callbacks).train()
     tokens = [int(b["attention_mask"].sum()) for b in batches]
-    return {"step_seconds": timer.times, "losses": timer.losses, "step_tokens": tokens}
+    return {"step_seconds": timer.times, "losses": timer.losses, "grad_norms": timer.grad_norms, "step_tokens": tokens}
 
 
 def _nonfinite(x) -> bool:
@@ -479,21 +482,37 @@ def run_worker(args) -> None:
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-def run_side(side: str, cmd: list[str], peer_site: str | bool, sets: int) -> tuple[subprocess.CompletedProcess, list]:
-    """Run one side's worker; a peer side gets `peer_site` first on its PYTHONPATH (the peers pin older
-    datasets and trl than this project's, so only their process sees those). Returns the process and
-    the SET results it printed, and prints the end of its stderr when it failed."""
-    env = dict(os.environ)
-    if peer_site:
-        env["PYTHONPATH"] = os.pathsep.join([peer_site, *filter(None, [env.get("PYTHONPATH")])])
-        # the GPU machine has no internet: no hub look-ups, no usage statistics
-        env.update(HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def run_side(side: str, cmd: list[str], peer_env: dict[str, str] | None, sets: int,
+             merge: bool = False) -> tuple[subprocess.CompletedProcess, list]:
+    """Run one side's worker, with `peer_env` added to a peer side's environment (see peer_environment).
+    Returns the process and the SET results it printed; prints the end of its stderr when it failed.
+    `merge` sends stderr into stdout, so that messages keep their order."""
+    env = dict(os.environ) | (peer_env or {})
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+                          text=True, env=env)
     per_set = [json.loads(ln[len("SET "):]) for ln in proc.stdout.splitlines() if ln.startswith("SET ")]
     if proc.returncode != 0:
         print(f"--- {side} failed (exit {proc.returncode}) after {len(per_set)} of {sets} runs ---\n"
-              f"{proc.stderr[-4000:]}", flush=True)
+              f"{(proc.stderr or proc.stdout)[-4000:]}", flush=True)
     return proc, per_set
+
+
+def peer_environment(peer_site: str, extra: list[str]) -> dict[str, str]:
+    """A peer side's environment: its packages first on PYTHONPATH (the peers pin older datasets and trl
+    than this project's, so only their process sees those), no hub look-ups or usage statistics (the
+    GPU machine has no internet), then the --peer-env settings."""
+    env = {"PYTHONPATH": os.pathsep.join([peer_site, *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
+    return env | dict(kv.split("=", 1) for kv in extra)
+
+
+# a peer's own messages worth seeing next to a non-finite loss: mode switches after the first steps
+PEER_NOTES = ("STEP ", "DIAG", "Unsloth", "unsloth", "double buffer", "eager", "recompil", "nan", "NaN")
+
+
+def peer_notes(output: str, limit: int = 80) -> str:
+    """The step markers and the peer's messages among `output`'s lines (at most `limit`, the first ones)."""
+    return "\n".join([ln[:300] for ln in output.splitlines() if any(k in ln for k in PEER_NOTES)][:limit])
 
 
 def report_max_seq(side: str, batch: int, per_set: list[dict]) -> None:
@@ -523,6 +542,8 @@ def main() -> None:
     p.add_argument("--peer-site", default=os.environ.get("FINETUNE_PEER_SITE", "/tmp/peers"),
                    help="folder of the peers' packages (unsloth, liger-kernel and their pins), put first on "
                         "PYTHONPATH for the peer sides only (default: $FINETUNE_PEER_SITE or /tmp/peers)")
+    p.add_argument("--peer-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment setting for the peer sides' workers (e.g. UNSLOTH_DISABLE_DOUBLE_BUFFER=1)")
     p.add_argument("--diagnose", action="store_true",
                    help="when a peer side's losses are not all finite, run it again with probes that print "
                         "where the first non-finite value appears (DIAG lines)")
@@ -544,6 +565,9 @@ def main() -> None:
     unknown = [side for side in sides if side not in ("hf", "ours", *PEER_SIDES)]
     if unknown:
         p.error(f"--sides: unknown side(s) {', '.join(unknown)}; choose from hf, ours, {', '.join(PEER_SIDES)}")
+    bad_env = [kv for kv in args.peer_env if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad_env:
+        p.error(f"--peer-env takes KEY=VALUE; got {', '.join(map(repr, bad_env))}")
     if any(side in PEER_SIDES for side in sides) and not Path(args.peer_site).is_dir():
         p.error(f"--peer-site {args.peer_site} is not a folder; install the peers' wheels there first: python3 -m pip "
                 f"install -q --no-index --no-deps --no-compile --target {args.peer_site} .peerwhl/*.whl")
@@ -570,7 +594,8 @@ def main() -> None:
                "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
         cmd += [f"--override={o}" for o in overrides] + (["--profile"] if args.profile else [])
         cmd += [f"--max-seq={','.join(map(str, args.max_seq))}"] if args.max_seq else []
-        proc, per_set = run_side(side, cmd, worker in PEER_SIDES and args.peer_site, len(args.max_seq or [1]))
+        peer_env = peer_environment(args.peer_site, args.peer_env) if worker in PEER_SIDES else None
+        proc, per_set = run_side(side, cmd, peer_env, len(args.max_seq or [1]))
         if args.profile and side == "ours":
             print(proc.stderr[proc.stderr.find("Name"):][-9000:] if "Name" in proc.stderr else "", flush=True)
         if not per_set:
@@ -590,10 +615,15 @@ def main() -> None:
         compiled = "".join(f", {k} {v}" for k, v in r.get("compiled", {}).items())
         print(f"{side}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {100 * r['mfu']:.1f}%"
               f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
-        if args.diagnose and worker in PEER_SIDES and not all(map(math.isfinite, r["losses"])):
-            print(f"--- {side}: non-finite losses; running it again with probes (--diagnose) ---", flush=True)
-            proc, _ = run_side(f"{side} --diagnose", cmd + ["--diagnose"], args.peer_site, 1)
-            print("\n".join(ln for ln in proc.stderr.splitlines() if ln.startswith("DIAG")), flush=True)
+        finite = [math.isfinite(x) for x in r["losses"] + r.get("grad_norms", [])]
+        if worker in PEER_SIDES and not all(finite):
+            print(f"--- {side}: non-finite values; grad norms "
+                  f"{' '.join(f'{x:.3g}' for x in r['grad_norms'])}; its messages by step: ---\n"
+                  f"{peer_notes(proc.stderr)}", flush=True)
+            if args.diagnose:
+                print(f"--- {side}: running it again with probes (--diagnose) ---", flush=True)
+                proc, _ = run_side(f"{side} --diagnose", cmd + ["--diagnose"], peer_env, 1, merge=True)
+                print(peer_notes(proc.stdout, limit=200), flush=True)
 
     if args.max_seq:
         return
