@@ -228,10 +228,14 @@ def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batc
         model = liger_model(model_dir)
     else:
         model = hf_peft_model(model_dir)
-    train_each(batch_sets, lambda batches: train_with_trainer(model, batches, batch, diagnose))
+    # unsloth's model checkpoints its blocks itself (get_peft_model's use_gradient_checkpointing), as in
+    # its own recipes; the Trainer's checkpointing would wrap transformers' checkpoint around the blocks
+    trainer_checkpointing = side != "unsloth"
+    train_each(batch_sets, lambda batches: train_with_trainer(model, batches, batch, trainer_checkpointing, diagnose))
 
 
-def train_with_trainer(model, batches: list[dict], batch: int, diagnose: bool = False) -> dict:
+def train_with_trainer(model, batches: list[dict], batch: int, checkpointing: bool = True,
+                       diagnose: bool = False) -> dict:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -273,7 +277,7 @@ def train_with_trainer(model, batches: list[dict], batch: int, diagnose: bool = 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=batch, max_steps=len(batches), learning_rate=LR,
-            lr_scheduler_type="constant", optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=True,
+            lr_scheduler_type="constant", optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=checkpointing,
             logging_steps=1, report_to="none", save_strategy="no", remove_unused_columns=False, seed=0,
             dataloader_drop_last=True,
         )
