@@ -21,6 +21,19 @@ here, and the ratios. `--sides ours --override speed=fast --profile` prints the 
     python scripts/bench.py --shape llama3-8b --batch 1 --max-seq 8192,16384,32768,65536
 
 trains two steps at each length in turn and reports the longest that fits in GPU memory.
+
+Peers, trained by the same Trainer, rows, batch and optimizer settings as the HF recipe: `unsloth`
+(its 4-bit loader, LoRA r/alpha as above on all linear layers, its offloaded checkpointing) and `liger`
+(the HF recipe with liger-kernel's kernels patched in). Their packages (../shared/device/make-peer-wheels.sh
+and liger-kernel, as wheels in .peerwhl) pin older datasets and trl, so they go in a folder of their
+own that only the peers' processes see first on their path:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .peerwhl/*.whl
+    python scripts/bench.py --shape llama3-8b --batch 2 --sides hf,unsloth,liger --peer-site /tmp/peers
+
+A peer's non-finite loss or gradient prints its grad norms and its own messages by step; `--diagnose`
+then runs it again with probes (the first module whose output is non-finite, the parameters whose
+gradient arrives non-finite, each row of that batch alone).
 """
 
 from __future__ import annotations
