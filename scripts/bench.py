@@ -292,7 +292,7 @@ def train_with_trainer(model, batches: list[dict], batch: int, checkpointing: bo
             output_dir=out, per_device_train_batch_size=batch, max_steps=len(batches), learning_rate=LR,
             lr_scheduler_type="constant", optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=checkpointing,
             logging_steps=1, report_to="none", save_strategy="no", remove_unused_columns=False, seed=0,
-            dataloader_drop_last=True,
+            dataloader_drop_last=True, logging_nan_inf_filter=False,  # the filter logs a NaN loss as a finite one
         )
         InOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(0),
                        callbacks=callbacks).train()
@@ -301,9 +301,12 @@ def train_with_trainer(model, batches: list[dict], batch: int, checkpointing: bo
 
 
 def _nonfinite(x) -> bool:
-    tensors = [x] if torch.is_tensor(x) else [t for t in (x if isinstance(x, (tuple, list)) else getattr(x, "values", lambda: [])())
-                                                if torch.is_tensor(t)]
-    return any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors)
+    """Whether a tensor, or a tuple/list/dict of them, holds inf or NaN. On detached tensors: a check that
+    autograd recorded would save tensors in a checkpointed forward but not in its recompute."""
+    values = x.values() if hasattr(x, "values") and not torch.is_tensor(x) else x
+    tensors = [x] if torch.is_tensor(x) else [t for t in values if torch.is_tensor(t)] if isinstance(
+        values, (tuple, list, type({}.values()))) else []
+    return any(t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()) for t in tensors)
 
 
 def non_finite_probe(model, batches: list[dict]):
@@ -342,8 +345,9 @@ def non_finite_probe(model, batches: list[dict]):
             self.first_module, self.bad_grads = None, []
 
         def on_log(self, args, state, control, logs=None, **kw):
-            print(f"DIAG step {state.global_step} logged: loss {logs.get('loss')}, grad_norm {logs.get('grad_norm')}",
-                  file=sys.stderr, flush=True)
+            if logs and "loss" in logs:
+                print(f"DIAG step {state.global_step} logged: loss {logs.get('loss')}, grad_norm {logs.get('grad_norm')}",
+                      file=sys.stderr, flush=True)
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
             step = state.global_step  # 0-based index of the batch being trained (incremented after the update)
