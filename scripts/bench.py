@@ -536,6 +536,16 @@ def peer_notes(output: str, limit: int = 80) -> str:
     return "\n".join([ln[:300] for ln in output.splitlines() if any(k in ln for k in PEER_NOTES)][:limit])
 
 
+def loss_agreement(r: dict, hf: dict, warmup: int) -> str:
+    """Per-step |loss - loss_hf| of side `r` against the HF recipe's run. NaN-aware: a non-finite loss on
+    either side makes the worst difference NaN (max() would skip it)."""
+    diffs = [abs(a - b) for a, b in zip(hf["losses"], r["losses"])]
+    timed = diffs[warmup:]
+    worst = lambda xs: max(xs) if xs and all(map(math.isfinite, xs)) else math.nan  # noqa: E731
+    return (f"per-step |loss - loss_hf| max {worst(diffs):.4f}, mean {sum(diffs) / max(len(diffs), 1):.4f} over "
+            f"{len(diffs)} steps; max |loss - loss_hf| over the timed steps {worst(timed):.4f}")
+
+
 def report_max_seq(side: str, batch: int, per_set: list[dict]) -> None:
     trained = [r for r in per_set if not r.get("oom")]
     for r in per_set:
@@ -634,8 +644,9 @@ def main() -> None:
         results[side] = r
         # as each side finishes, so a run cut short still shows what it measured
         compiled = "".join(f", {k} {v}" for k, v in r.get("compiled", {}).items())
+        agreement = f"; {loss_agreement(r, results['hf'], args.warmup)}" if "hf" in results and side != "hf" else ""
         print(f"{side}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {100 * r['mfu']:.1f}%"
-              f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
+              f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}{agreement}", flush=True)
         finite = [math.isfinite(x) for x in r["losses"] + r.get("grad_norms", [])]
         if worker in PEER_SIDES and not all(finite):
             print(f"--- {side}: non-finite values; grad norms "
@@ -660,14 +671,8 @@ def main() -> None:
         for side, r in results.items():
             if side == "hf":
                 continue
-            # NaN-aware: a non-finite loss on either side makes the worst difference NaN
-            diffs = [abs(a - b) for a, b in zip(hf["losses"], r["losses"])]
-            timed = diffs[args.warmup:]
-            worst = lambda xs: max(xs) if xs and all(map(math.isfinite, xs)) else math.nan  # noqa: E731
             print(f"{side} / hf: {r['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
-                  f"{r['peak_gib'] / hf['peak_gib']:.2f}x peak memory; per-step |loss - loss_hf| "
-                  f"max {worst(diffs):.4f}, mean {sum(diffs) / len(diffs):.4f} over {len(diffs)} steps; "
-                  f"max over the timed steps {worst(timed):.4f}")
+                  f"{r['peak_gib'] / hf['peak_gib']:.2f}x peak memory; {loss_agreement(r, hf, args.warmup)}")
             print(f"losses {side}:", " ".join(f"{x:.3f}" for x in r["losses"]))
 
 
