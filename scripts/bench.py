@@ -497,7 +497,8 @@ def run_worker(args) -> None:
     if args.worker == "ours":
         worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.seq, args.profile)
     else:
-        worker_trainer(args.worker, args.model_dir, batch_sets, args.batch, args.seq, args.diagnose)
+        longest = max(args.max_seq or [args.seq])  # unsloth sizes its RoPE cache for max_seq_length
+        worker_trainer(args.worker, args.model_dir, batch_sets, args.batch, longest, args.diagnose)
 
 
 # ----------------------------------------------------------------------------------------------
