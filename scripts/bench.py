@@ -21,12 +21,27 @@ here, and the ratios. `--sides ours --override speed=fast --profile` prints the 
     python scripts/bench.py --shape llama3-8b --batch 1 --max-seq 8192,16384,32768,65536
 
 trains two steps at each length in turn and reports the longest that fits in GPU memory.
+
+Peers, trained by the same Trainer, rows, batch and optimizer settings as the HF recipe: `unsloth`
+(its 4-bit loader, LoRA r/alpha as above on all linear layers, its offloaded checkpointing) and `liger`
+(the HF recipe with liger-kernel's kernels patched in). Their packages (../shared/device/make-peer-wheels.sh
+and liger-kernel, as wheels in .peerwhl) pin older datasets and trl, so they go in a folder of their
+own that only the peers' processes see first on their path:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .peerwhl/*.whl
+    python scripts/bench.py --shape llama3-8b --batch 2 --sides hf,unsloth,liger --peer-site /tmp/peers
+
+A peer's non-finite loss or gradient prints its grad norms and its own messages by step; `--diagnose`
+then runs it again with probes (the first module whose output is non-finite, the parameters whose
+gradient arrives non-finite, each row of that batch alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -149,7 +164,12 @@ def train_each(batch_sets: list[list[dict]], train) -> None:
         print("SET " + json.dumps(result), flush=True)
 
 
-def worker_hf(model_dir: str, batch_sets: list[list[dict]], batch: int) -> None:
+PEER_SIDES = ("unsloth", "liger")  # sides whose worker runs with the peer packages first on sys.path
+
+
+def hf_peft_model(model_dir: str):
+    """The HF recipe's model: bitsandbytes NF4 with double quantization, peft's k-bit preparation, LoRA
+    on all linear layers. Liger's side builds the same model after patching transformers' classes."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -159,12 +179,76 @@ def worker_hf(model_dir: str, batch_sets: list[list[dict]], batch: int) -> None:
                                                  device_map={"": 0})
     model = prepare_model_for_kbit_training(model)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    train_each(batch_sets, lambda batches: _train_hf(model, batches, batch))
+    return get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def _train_hf(model, batches: list[dict], batch: int) -> dict:
+def liger_model(model_dir: str):
+    """The HF recipe with liger-kernel's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear
+    cross-entropy) patched into transformers' model classes before the model is built."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(model_dir).model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise SystemExit(f"liger-kernel has no kernels for model type {model_type!r}; "
+                         f"it has: {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}")
+    MODEL_TYPE_TO_APPLY_LIGER_FN[model_type]()
+    return hf_peft_model(model_dir)
+
+
+def plain_tokenizer(vocab_size: int, out: Path) -> Path:
+    """Save a word-level tokenizer with one token per id beside the model: unsloth's loader reads the
+    model folder's tokenizer and the random model has none. Pad 0, bos 1, eos 2 as in the model's config (make_examples' ids start at 3)
+    and the collator pads with 0, so unsloth adds no token and resizes nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if (out / "tokenizer.json").exists():
+        return out
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)} | {f"t{i}": i for i in range(len(specials), vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<pad>")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def unsloth_model(model_dir: str, seq: int):
+    """unsloth's QLoRA path: its 4-bit loader and patched model, LoRA r and alpha as the HF recipe on
+    all linear layers, its offloaded gradient checkpointing."""
+    from transformers import AutoConfig
+    from unsloth import FastLanguageModel  # run_worker imported unsloth before transformers
+
+    plain_tokenizer(AutoConfig.from_pretrained(model_dir).vocab_size, Path(model_dir))
+    model, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=True, dtype=torch.bfloat16,
+                                                 max_seq_length=seq)
+    torch.manual_seed(0)
+    return FastLanguageModel.get_peft_model(
+        model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, bias="none", random_state=0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing="unsloth", max_seq_length=seq)
+
+
+def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batch: int, seq: int,
+                   diagnose: bool = False) -> None:
+    """A side trained by transformers' Trainer with the HF recipe's arguments: hf, liger or unsloth."""
+    if side == "unsloth":
+        model = unsloth_model(model_dir, seq)
+    elif side == "liger":
+        model = liger_model(model_dir)
+    else:
+        model = hf_peft_model(model_dir)
+    # unsloth's model checkpoints its blocks itself (get_peft_model's use_gradient_checkpointing), as in
+    # its own recipes; the Trainer's checkpointing would wrap transformers' checkpoint around the blocks
+    trainer_checkpointing = side != "unsloth"
+    train_each(batch_sets, lambda batches: train_with_trainer(model, batches, batch, trainer_checkpointing, diagnose))
+
+
+def train_with_trainer(model, batches: list[dict], batch: int, checkpointing: bool = True,
+                       diagnose: bool = False) -> dict:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -179,9 +263,11 @@ def _train_hf(model, batches: list[dict], batch: int) -> dict:
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.times, self.losses, self._t = [], [], 0.0
+            self.times, self.losses, self.grad_norms, self._t = [], [], [], 0.0
 
         def on_step_begin(self, args, state, control, **kw):
+            # a marker between the libraries' own messages, so a problem can be placed at its step
+            print(f"STEP {state.global_step + 1}", file=sys.stderr, flush=True)
             torch.cuda.synchronize()
             self._t = time.perf_counter()
 
@@ -192,6 +278,7 @@ def _train_hf(model, batches: list[dict], batch: int) -> dict:
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
+                self.grad_norms.append(float(logs.get("grad_norm", math.nan)))
 
     class InOrderTrainer(Trainer):
         # Same rows in the same order as our side, so the loss curves are comparable.
@@ -199,17 +286,101 @@ def _train_hf(model, batches: list[dict], batch: int) -> dict:
             return SequentialSampler(self.train_dataset)
 
     timer = Timer()
+    callbacks = [timer] + ([non_finite_probe(model, batches)] if diagnose else [])
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=batch, max_steps=len(batches), learning_rate=LR,
-            lr_scheduler_type="constant", optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=True,
+            lr_scheduler_type="constant", optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=checkpointing,
             logging_steps=1, report_to="none", save_strategy="no", remove_unused_columns=False, seed=0,
-            dataloader_drop_last=True,
+            dataloader_drop_last=True, logging_nan_inf_filter=False,  # the filter logs a NaN loss as a finite one
         )
         InOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(0),
-                       callbacks=[timer]).train()
+                       callbacks=callbacks).train()
     tokens = [int(b["attention_mask"].sum()) for b in batches]
-    return {"step_seconds": timer.times, "losses": timer.losses, "step_tokens": tokens}
+    return {"step_seconds": timer.times, "losses": timer.losses, "grad_norms": timer.grad_norms, "step_tokens": tokens}
+
+
+def _nonfinite(x) -> bool:
+    """Whether a tensor, or a tuple/list/dict of them, holds inf or NaN. On detached tensors: a check that
+    autograd recorded would save tensors in a checkpointed forward but not in its recompute."""
+    values = x.values() if hasattr(x, "values") and not torch.is_tensor(x) else x
+    tensors = [x] if torch.is_tensor(x) else [t for t in values if torch.is_tensor(t)] if isinstance(
+        values, (tuple, list, type({}.values()))) else []
+    return any(t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()) for t in tensors)
+
+
+def non_finite_probe(model, batches: list[dict]):
+    """The --diagnose callback (a function so that the driver does not import transformers)."""
+    from transformers import TrainerCallback
+
+    class NonFiniteProbe(TrainerCallback):
+        """--diagnose: prints a DIAG line per step (loss, grad norm, weights finite) and, at the first step
+        with a non-finite loss or gradient, where it starts: the first module (in call order) whose forward
+        output is non-finite, the trainable parameters whose gradient arrived non-finite (before clipping,
+        in backward order), and each row of that batch alone, with its logits checked."""
+
+        def __init__(self, model, batches: list[dict]):
+            self.model, self.batches, self.reported = model, batches, False
+            self.first_module: str | None = None
+            self.bad_grads: list[str] = []
+            self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+            for name, module in model.named_modules():
+                module.register_forward_hook(self._forward_hook(name))
+            for name, p in self.params.items():
+                p.register_post_accumulate_grad_hook(self._grad_hook(name))
+
+        def _forward_hook(self, name: str):
+            def hook(module, inputs, output):
+                if self.first_module is None and _nonfinite(output):
+                    self.first_module = f"{name} ({type(module).__name__}; inputs non-finite: {_nonfinite(inputs)})"
+            return hook
+
+        def _grad_hook(self, name: str):
+            def hook(p):
+                if not bool(torch.isfinite(p.grad).all()):
+                    self.bad_grads.append(name)
+            return hook
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.first_module, self.bad_grads = None, []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                print(f"DIAG step {state.global_step} logged: loss {logs.get('loss')}, grad_norm {logs.get('grad_norm')}",
+                      file=sys.stderr, flush=True)
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            step = state.global_step  # 0-based index of the batch being trained (incremented after the update)
+            weights_ok = all(bool(torch.isfinite(p).all()) for p in self.params.values())
+            print(f"DIAG step {step + 1}: first non-finite forward output: {self.first_module}; "
+                  f"{len(self.bad_grads)} non-finite grads (first in backward order: {self.bad_grads[:4]}); "
+                  f"trainable weights finite before this update: {weights_ok}", file=sys.stderr, flush=True)
+            if (self.first_module or self.bad_grads) and not self.reported:
+                self.reported = True
+                self.rows(self.batches[step], step)
+
+        def rows(self, b: dict, step: int) -> None:
+            """Each row of the batch alone, with full logits (unsloth reads UNSLOTH_RETURN_LOGITS per call)."""
+            import os
+
+            os.environ["UNSLOTH_RETURN_LOGITS"] = "1"
+            device = next(self.model.parameters()).device
+            try:
+                for i in range(len(b["input_ids"])):
+                    keep = b["attention_mask"][i].bool()
+                    ids = b["input_ids"][i][keep][None].to(device)
+                    self.first_module = None
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                        out = self.model(input_ids=ids, labels=b["labels"][i][keep][None].to(device))
+                    logits = getattr(out, "logits", None)
+                    print(f"DIAG step {step + 1} row {i} alone ({ids.shape[1]} tokens, ids {int(ids.min())}..{int(ids.max())}): "
+                          f"loss {float(out.loss):.4f}, logits non-finite: {logits is not None and _nonfinite(logits)}, "
+                          f"first non-finite forward output: {self.first_module}", file=sys.stderr, flush=True)
+            finally:
+                os.environ.pop("UNSLOTH_RETURN_LOGITS")
+            self.first_module = None
+
+    return NonFiniteProbe(model, batches)
 
 
 def our_config(model_dir: str, overrides: list[str], seq: int):
@@ -306,6 +477,9 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
 
 
 def run_worker(args) -> None:
+    if args.worker == "unsloth":
+        import unsloth  # noqa: F401  (before transformers, peft and trl, which it patches as it imports)
+
     from finetune.speed import batch_widths
 
     cfg = our_config(args.model_dir, args.override, args.seq)
@@ -320,15 +494,59 @@ def run_worker(args) -> None:
         widths = batch_widths(cfg.speed, packing, args.seq) if args.worker == "ours" else None
         batch_sets = [make_batches(torch.load(args.rows), args.batch, args.seq, packing, widths)]
     # each set's result goes to stdout as it is done (train_each)
-    if args.worker == "hf":
-        worker_hf(args.model_dir, batch_sets, args.batch)
-    else:
+    if args.worker == "ours":
         worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.seq, args.profile)
+    else:
+        longest = max(args.max_seq or [args.seq])  # unsloth sizes its RoPE cache for max_seq_length
+        worker_trainer(args.worker, args.model_dir, batch_sets, args.batch, longest, args.diagnose)
 
 
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
+def run_side(side: str, cmd: list[str], peer_env: dict[str, str] | None, sets: int,
+             merge: bool = False) -> tuple[subprocess.CompletedProcess, list]:
+    """Run one side's worker, with `peer_env` added to a peer side's environment (see peer_environment).
+    Returns the process and the SET results it printed; prints the end of its stderr when it failed.
+    `merge` sends stderr into stdout, so that messages keep their order."""
+    env = dict(os.environ) | (peer_env or {})
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+                          text=True, env=env)
+    per_set = [json.loads(ln[len("SET "):]) for ln in proc.stdout.splitlines() if ln.startswith("SET ")]
+    if proc.returncode != 0:
+        print(f"--- {side} failed (exit {proc.returncode}) after {len(per_set)} of {sets} runs ---\n"
+              f"{(proc.stderr or proc.stdout)[-4000:]}", flush=True)
+    return proc, per_set
+
+
+def peer_environment(peer_site: str, extra: list[str]) -> dict[str, str]:
+    """A peer side's environment: its packages first on PYTHONPATH (the peers pin older datasets and trl
+    than this project's, so only their process sees those), no hub look-ups or usage statistics (the
+    GPU machine has no internet), then the --peer-env settings."""
+    env = {"PYTHONPATH": os.pathsep.join([peer_site, *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
+    return env | dict(kv.split("=", 1) for kv in extra)
+
+
+# a peer's own messages worth seeing next to a non-finite loss: mode switches after the first steps
+PEER_NOTES = ("STEP ", "DIAG", "Unsloth", "unsloth", "double buffer", "eager", "recompil", "nan", "NaN")
+
+
+def peer_notes(output: str, limit: int = 80) -> str:
+    """The step markers and the peer's messages among `output`'s lines (at most `limit`, the first ones)."""
+    return "\n".join([ln[:300] for ln in output.splitlines() if any(k in ln for k in PEER_NOTES)][:limit])
+
+
+def loss_agreement(r: dict, hf: dict, warmup: int) -> str:
+    """Per-step |loss - loss_hf| of side `r` against the HF recipe's run. NaN-aware: a non-finite loss on
+    either side makes the worst difference NaN (max() would skip it)."""
+    diffs = [abs(a - b) for a, b in zip(hf["losses"], r["losses"])]
+    timed = diffs[warmup:]
+    worst = lambda xs: max(xs) if xs and all(map(math.isfinite, xs)) else math.nan  # noqa: E731
+    return (f"per-step |loss - loss_hf| max {worst(diffs):.4f}, mean {sum(diffs) / max(len(diffs), 1):.4f} over "
+            f"{len(diffs)} steps; max |loss - loss_hf| over the timed steps {worst(timed):.4f}")
+
+
 def report_max_seq(side: str, batch: int, per_set: list[dict]) -> None:
     trained = [r for r in per_set if not r.get("oom")]
     for r in per_set:
@@ -351,7 +569,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-len", type=int, default=0,
                    help="examples of lengths uniform in [min-len, seq] instead of full rows (try data.packing=true)")
-    p.add_argument("--sides", default="hf,ours")
+    p.add_argument("--sides", default="hf,ours",
+                   help=f"comma-separated, of hf, ours and the peers {', '.join(PEER_SIDES)} (they need --peer-site)")
+    p.add_argument("--peer-site", default=os.environ.get("FINETUNE_PEER_SITE", "/tmp/peers"),
+                   help="folder of the peers' packages (unsloth, liger-kernel and their pins), put first on "
+                        "PYTHONPATH for the peer sides only (default: $FINETUNE_PEER_SITE or /tmp/peers)")
+    p.add_argument("--peer-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment setting for the peer sides' workers (e.g. UNSLOTH_DISABLE_DOUBLE_BUFFER=1)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="when a peer side's losses are not all finite, run it again with probes that print "
+                        "where the first non-finite value appears (DIAG lines)")
     p.add_argument("--override", action="append", default=[], help="a finetune config override for our side")
     p.add_argument("--variant", action="append", default=[],
                    help="LABEL=key=value,key=value: one more run of our side with these overrides")
@@ -360,12 +587,22 @@ def main() -> None:
     p.add_argument("--max-seq", type=lambda v: [int(x) for x in v.split(",")],
                    help="comma-separated lengths, ascending: train two steps at each (batch --batch) until one "
                         "runs out of GPU memory, and report the longest that trained")
-    p.add_argument("--worker", choices=["hf", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["hf", "ours", *PEER_SIDES], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return run_worker(args)
+    sides = [side for side in args.sides.split(",") if side]
+    unknown = [side for side in sides if side not in ("hf", "ours", *PEER_SIDES)]
+    if unknown:
+        p.error(f"--sides: unknown side(s) {', '.join(unknown)}; choose from hf, ours, {', '.join(PEER_SIDES)}")
+    bad_env = [kv for kv in args.peer_env if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad_env:
+        p.error(f"--peer-env takes KEY=VALUE; got {', '.join(map(repr, bad_env))}")
+    if any(side in PEER_SIDES for side in sides) and not Path(args.peer_site).is_dir():
+        p.error(f"--peer-site {args.peer_site} is not a folder; install the peers' wheels there first: python3 -m pip "
+                f"install -q --no-index --no-deps --no-compile --target {args.peer_site} .peerwhl/*.whl")
 
     from transformers import AutoConfig
 
@@ -379,7 +616,7 @@ def main() -> None:
     print(f"shape {args.shape}: {n_matmul / 1e9:.3f}B matmul params, {fpt / 1e9:.2f} GFLOP/token at seq {args.seq}; "
           f"measured bf16 matmul {peak_tflops:.0f} TFLOP/s -> limit {peak_tflops * 1e12 / fpt:,.0f} tokens/s", flush=True)
 
-    runs = [(side, side, args.override) for side in args.sides.split(",") if side]
+    runs = [(side, side, args.override) for side in sides]
     for variant in args.variant:
         label, _, overrides = variant.partition("=")
         runs.append((label, "ours", args.override + [o for o in overrides.split(",") if o]))
@@ -389,13 +626,10 @@ def main() -> None:
                "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
         cmd += [f"--override={o}" for o in overrides] + (["--profile"] if args.profile else [])
         cmd += [f"--max-seq={','.join(map(str, args.max_seq))}"] if args.max_seq else []
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        peer_env = peer_environment(args.peer_site, args.peer_env) if worker in PEER_SIDES else None
+        proc, per_set = run_side(side, cmd, peer_env, len(args.max_seq or [1]))
         if args.profile and side == "ours":
             print(proc.stderr[proc.stderr.find("Name"):][-9000:] if "Name" in proc.stderr else "", flush=True)
-        per_set = [json.loads(ln[len("SET "):]) for ln in proc.stdout.splitlines() if ln.startswith("SET ")]
-        if proc.returncode != 0:
-            print(f"--- {side} failed (exit {proc.returncode}) after {len(per_set)} of "
-                  f"{len(args.max_seq or [1])} runs ---\n{proc.stderr[-4000:]}", flush=True)
         if not per_set:
             continue
         if args.max_seq:
@@ -411,8 +645,18 @@ def main() -> None:
         results[side] = r
         # as each side finishes, so a run cut short still shows what it measured
         compiled = "".join(f", {k} {v}" for k, v in r.get("compiled", {}).items())
+        agreement = f"; {loss_agreement(r, results['hf'], args.warmup)}" if "hf" in results and side != "hf" else ""
         print(f"{side}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {100 * r['mfu']:.1f}%"
-              f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
+              f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}{agreement}", flush=True)
+        finite = [math.isfinite(x) for x in r["losses"] + r.get("grad_norms", [])]
+        if worker in PEER_SIDES and not all(finite):
+            print(f"--- {side}: non-finite values; grad norms "
+                  f"{' '.join(f'{x:.3g}' for x in r['grad_norms'])}; its messages by step: ---\n"
+                  f"{peer_notes(proc.stderr)}", flush=True)
+            if args.diagnose:
+                print(f"--- {side}: running it again with probes (--diagnose) ---", flush=True)
+                proc, _ = run_side(f"{side} --diagnose", cmd + ["--diagnose"], peer_env, 1, merge=True)
+                print(peer_notes(proc.stdout, limit=200), flush=True)
 
     if args.max_seq:
         return
@@ -428,10 +672,8 @@ def main() -> None:
         for side, r in results.items():
             if side == "hf":
                 continue
-            diffs = [abs(a - b) for a, b in zip(hf["losses"], r["losses"])]
             print(f"{side} / hf: {r['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s, "
-                  f"{r['peak_gib'] / hf['peak_gib']:.2f}x peak memory; per-step |loss - loss_hf| "
-                  f"max {max(diffs):.4f}, mean {sum(diffs) / len(diffs):.4f} over {len(diffs)} steps")
+                  f"{r['peak_gib'] / hf['peak_gib']:.2f}x peak memory; {loss_agreement(r, hf, args.warmup)}")
             print(f"losses {side}:", " ".join(f"{x:.3f}" for x in r["losses"]))
 
 
