@@ -14,8 +14,8 @@ from finetune.footprint import (
     LOGIT_BYTES_CHUNKED,
     estimate_footprint,
     estimate_training_peak,
-    longest_sequence,
     four_bit_state_bytes,
+    longest_sequence,
     measure_footprint,
 )
 from finetune.model import load_base
