@@ -20,7 +20,7 @@ here, and the ratios. `--sides ours --override speed=fast --profile` prints the 
 
     python scripts/bench.py --shape llama3-8b --batch 1 --max-seq 8192,16384,32768,65536
 
-trains two steps at each length in turn and reports the longest that fits in GPU memory.
+trains two steps (--max-seq-steps) at each length in turn and reports the longest that fits in GPU memory.
 
 Peers, trained by the same Trainer, rows, batch and optimizer settings as the HF recipe: `unsloth`
 (its 4-bit loader, LoRA r/alpha as above on all linear layers, its offloaded checkpointing) and `liger`
@@ -486,7 +486,7 @@ def run_worker(args) -> None:
     packing = args.worker == "ours" and cfg.data.packing
     if args.max_seq:
         # one set per length, longest last: a row of fresh full-length examples per step
-        batch_sets = [make_batches(make_examples(2 * args.batch, seq, seq), args.batch, seq, False)
+        batch_sets = [make_batches(make_examples(args.max_seq_steps * args.batch, seq, seq), args.batch, seq, False)
                       for seq in args.max_seq]
     else:
         # our side pads batch widths as finetune.loop does (compiled: speed.width_buckets widths; packed
@@ -553,7 +553,7 @@ def report_max_seq(side: str, batch: int, per_set: list[dict]) -> None:
         if r.get("oom"):
             print(f"{side}: seq {r['seq']:,} x batch {batch}: out of GPU memory", flush=True)
         else:
-            print(f"{side}: seq {r['seq']:,} x batch {batch}: trained, peak {r['peak_gib']:.2f} GiB, second step "
+            print(f"{side}: seq {r['seq']:,} x batch {batch}: trained, peak {r['peak_gib']:.2f} GiB, last step "
                   f"{r['step_tokens'][-1] / r['step_seconds'][-1]:,.0f} tokens/s, losses "
                   f"{' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
     longest = f"{trained[-1]['seq']:,}" if trained else "none of those tried"
@@ -585,8 +585,9 @@ def main() -> None:
     p.add_argument("--cache", default="/tmp/finetune-bench")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two of our steps")
     p.add_argument("--max-seq", type=lambda v: [int(x) for x in v.split(",")],
-                   help="comma-separated lengths, ascending: train two steps at each (batch --batch) until one "
-                        "runs out of GPU memory, and report the longest that trained")
+                   help="comma-separated lengths, ascending: train --max-seq-steps steps at each (batch --batch) "
+                        "until one runs out of GPU memory, and report the longest that trained")
+    p.add_argument("--max-seq-steps", type=int, default=2, help="steps at each --max-seq length")
     p.add_argument("--worker", choices=["hf", "ours", *PEER_SIDES], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
@@ -625,7 +626,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", worker, "--model-dir", str(model_dir), "--rows", str(rows_file),
                "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
         cmd += [f"--override={o}" for o in overrides] + (["--profile"] if args.profile else [])
-        cmd += [f"--max-seq={','.join(map(str, args.max_seq))}"] if args.max_seq else []
+        cmd += [f"--max-seq={','.join(map(str, args.max_seq))}", f"--max-seq-steps={args.max_seq_steps}"] \
+            if args.max_seq else []
         peer_env = peer_environment(args.peer_site, args.peer_env) if worker in PEER_SIDES else None
         proc, per_set = run_side(side, cmd, peer_env, len(args.max_seq or [1]))
         if args.profile and side == "ours":
