@@ -482,6 +482,9 @@ def run_worker(args) -> None:
 
     from finetune.speed import batch_widths
 
+    if args.gpu_memory_gib:
+        # a smaller card: the caching allocator refuses to hold more than this
+        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
     cfg = our_config(args.model_dir, args.override, args.seq)
     packing = args.worker == "ours" and cfg.data.packing
     if args.max_seq:
@@ -588,6 +591,9 @@ def main() -> None:
                    help="comma-separated lengths, ascending: train --max-seq-steps steps at each (batch --batch) "
                         "until one runs out of GPU memory, and report the longest that trained")
     p.add_argument("--max-seq-steps", type=int, default=2, help="steps at each --max-seq length")
+    p.add_argument("--gpu-memory-gib", type=float, default=0,
+                   help="cap each side's GPU memory at this many GiB (a smaller card; compare "
+                        "`python -m finetune.footprint ... longest_in=GiB`)")
     p.add_argument("--worker", choices=["hf", "ours", *PEER_SIDES], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
@@ -626,6 +632,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", worker, "--model-dir", str(model_dir), "--rows", str(rows_file),
                "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
         cmd += [f"--override={o}" for o in overrides] + (["--profile"] if args.profile else [])
+        cmd += [f"--gpu-memory-gib={args.gpu_memory_gib}"] if args.gpu_memory_gib else []
         cmd += [f"--max-seq={','.join(map(str, args.max_seq))}", f"--max-seq-steps={args.max_seq_steps}"] \
             if args.max_seq else []
         peer_env = peer_environment(args.peer_site, args.peer_env) if worker in PEER_SIDES else None
