@@ -32,6 +32,8 @@ The training peak is the sum of
     one layer       the activations of the layer being recomputed in the backward pass,
                     batch x seq x (15 x hidden + 5 x intermediate) x 2 B (Korthikanti et al. 2022:
                     34 x hidden for intermediate = 4 x hidden; no seq^2 term with SDPA attention),
+                    plus 5 copies of the residual stream in its own dtype (the input, the two
+                    residual sums and the norms' fp32 work: fitted to measured peaks),
                     plus a dropped copy of each adapted layer's input when lora.dropout > 0;
                     without checkpointing every layer's. With speed.mlp_chunk_size the
                     5 x intermediate part counts one slice's tokens; with
@@ -78,6 +80,7 @@ BLOCK_4BIT = 64  # bitsandbytes' 4-bit blocksize on CUDA and CPU
 NESTED_BLOCK = 256  # double quantization: absmax values per nested block
 OPTIMIZER_BYTES = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 LOGIT_BYTES = 12
+RESIDUAL_COPIES = 5  # residual-stream tensors a recomputed block holds in the stream's dtype (README: long context)
 LOGIT_BYTES_CHUNKED = 10
 
 
@@ -251,7 +254,7 @@ def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footpri
     # speed.mlp_chunk_size: the MLP's intermediates exist for one slice of the sequence at a time.
     mlp_chunk = getattr(speed, "mlp_chunk_size", 0)
     mlp_tokens = batch * min(mlp_chunk, seq) if mlp_chunk else tokens
-    one_layer = (tokens * 15 * hidden + mlp_tokens * 5 * inter) * 2
+    one_layer = (tokens * 15 * hidden + mlp_tokens * 5 * inter) * 2 + tokens * RESIDUAL_COPIES * hidden * residual
     if lo.dropout > 0:
         # lora_dropout keeps a dropped copy of each adapted layer's input: about 3 x hidden + inter a layer.
         one_layer += (tokens * 3 * hidden + mlp_tokens * inter) * 2

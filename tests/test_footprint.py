@@ -120,7 +120,7 @@ def test_peak_estimate_follows_the_stated_formula(wide_llama):
     assert _part(parts, "optimizer state (adamw)") == lora * 8
     assert _part(parts, "logits and loss") == tokens * vocab * LOGIT_BYTES
     assert _part(parts, "layer checkpoints") == 2 * tokens * 256 * 4  # fp32 residual stream after the upcast
-    assert _part(parts, "one layer's") == tokens * (15 * 256 + 5 * 1024) * 2
+    assert _part(parts, "one layer's") == tokens * (15 * 256 + 5 * 1024) * 2 + tokens * 5 * 256 * 4
     footprint = estimate_footprint(cfg, str(wide_llama), "nf4")
     assert _part(parts, "base weights") == footprint.total + footprint.other_params * 2  # bf16 -> fp32
 
@@ -128,7 +128,8 @@ def test_peak_estimate_follows_the_stated_formula(wide_llama):
                            "train.gradient_checkpointing=false", "lora.dropout=0")
     assert _part(parts, "optimizer state (adamw_8bit)") == _part(parts, "LoRA parameters") // 4
     assert _part(parts, "chunked loss") == 16 * vocab * LOGIT_BYTES_CHUNKED + tokens * 256 * 2
-    assert _part(parts, "activations of all 2 layers") == 2 * tokens * (15 * 256 + 5 * 1024) * 2
+    # quant=none: no upcast, the residual stream stays bf16
+    assert _part(parts, "activations of all 2 layers") == 2 * (tokens * (15 * 256 + 5 * 1024) * 2 + tokens * 5 * 256 * 2)
     assert not any(k.startswith(("bf16 copy", "layer checkpoints")) for k in parts)
 
     _, parts = _peak_parts(wide_llama, "quant=int8")
@@ -174,7 +175,8 @@ def test_long_context_options_and_the_longest_length_that_fits(wide_llama):
     _, parts = _peak_parts(wide_llama, "quant=nf4", "lora.dropout=0", "speed.fp32_frozen=false",
                            "speed.mlp_chunk_size=8", "speed.offload_checkpoints=true")
     tokens = 2 * 32
-    assert _part(parts, "one layer's") == (tokens * 15 * 256 + 2 * 8 * 5 * 1024) * 2  # the MLP: one 8-token slice
+    # the MLP: one 8-token slice; the bf16 residual stream (speed.fp32_frozen=false)
+    assert _part(parts, "one layer's") == (tokens * 15 * 256 + 2 * 8 * 5 * 1024) * 2 + tokens * 5 * 256 * 2
     assert _part(parts, "layer checkpoints: in pinned CPU memory") == 2 * tokens * 256 * 2  # two in transit
 
     cfg = _cfg(wide_llama, "train.batch_size=1", "lora.dropout=0")
