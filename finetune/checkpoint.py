@@ -13,6 +13,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -220,11 +221,16 @@ def verify_checkpoint(folder: Path) -> list[str]:
     return [f"{folder / name} is missing" for name in required if name not in manifest["files"]]
 
 
-def find_latest_complete(run_dir: Path) -> tuple[Optional[Path], list[str]]:
-    """The newest complete checkpoint of a run (or None), and why each newer folder was passed over."""
+def find_latest_complete(run_dir: Path, verify: Optional[Callable[[Path], list[str]]] = None
+                         ) -> tuple[Optional[Path], list[str]]:
+    """The newest complete checkpoint of a run (or None), and why each newer folder was passed over.
+
+    `verify` (default verify_checkpoint) lets a caller that asks several times keep the answers.
+    """
+    verify = verify or verify_checkpoint
     passed_over = []
     for _, folder in _step_dirs(run_dir):
-        problems = verify_checkpoint(folder)
+        problems = verify(folder)
         if not problems:
             return folder, passed_over
         passed_over.append(f"{folder.name}: {problems[0]}")
@@ -242,10 +248,14 @@ def rotate_checkpoints(run_dir: Path, keep_last: int) -> None:
     remove_stale_staging(run_dir / "checkpoints")
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path:
-    """The checkpoint `train.resume` names: `auto` (the latest complete one of `run_dir`) or a path."""
+def resolve_resume(resume: str, run_dir: Path, verify: Optional[Callable[[Path], list[str]]] = None) -> Path:
+    """The checkpoint `train.resume` names: `auto` (the latest complete one of `run_dir`) or a path.
+
+    `verify` as in find_latest_complete.
+    """
+    verify = verify or verify_checkpoint
     if resume == "auto":
-        folder, passed_over = find_latest_complete(run_dir)
+        folder, passed_over = find_latest_complete(run_dir, verify)
         if folder is None:
             why = "".join(f"\n    passed over {line}" for line in passed_over)
             raise CheckpointError(
@@ -255,8 +265,8 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
         return folder
     path = Path(resume).expanduser()
     if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
-        return resolve_resume("auto", path)  # a run folder: its latest complete checkpoint
-    problems = verify_checkpoint(path)
+        return resolve_resume("auto", path, verify)  # a run folder: its latest complete checkpoint
+    problems = verify(path)
     if problems:
         raise CheckpointError(f"train.resume={resume}: cannot resume from it:\n    " + "\n    ".join(problems))
     return path

@@ -35,6 +35,12 @@ def one_of(name: str, value: Any, allowed: tuple[str, ...]) -> list[str]:
     return [f"{name}={value!r} is not one of {', '.join(allowed)}" + (f" (did you mean '{hint[0]}'?)" if hint else "")]
 
 
+# A dict field that is null by default: typed as a dict, OmegaConf 2.3 cannot merge a mapping into its
+# null (a command-line `model.architecture={...}` ended in an AttributeError), so it is stored untyped
+# and the section's problems() checks that it is a mapping.
+UntypedDict = Any
+
+
 @dataclass
 class ModelConfig:
     """The base model."""
@@ -50,8 +56,9 @@ class ModelConfig:
     random_init: bool = False
     """Build the model with random weights from `architecture` (or name_or_path's config) instead of
     loading pretrained weights: for tests, benchmarks and shape runs on machines with no hub."""
-    architecture: Optional[dict[str, Any]] = None
-    """A transformers config as a dict (with `model_type`): what random_init builds."""
+    architecture: Optional[UntypedDict] = None
+    """A transformers config as a dict (with `model_type`): what random_init builds. On the command line:
+    `model.architecture={model_type:llama,hidden_size:64,...}`, or one key `+model.architecture.hidden_size=64`."""
     architecture_of: Optional[str] = None
     """The model that `architecture` describes (set by the model group); with random_init it must be
     name_or_path, so that the run is labelled with the model it builds."""
@@ -63,7 +70,10 @@ class ModelConfig:
         p = []
         if not self.name_or_path:
             p.append("model.name_or_path is empty: name a hub model, a local folder, or embedded:smollm2-135m-instruct")
-        if self.architecture is not None and "model_type" not in self.architecture:
+        if self.architecture is not None and not isinstance(self.architecture, dict):
+            p.append(f"model.architecture must be a mapping of transformers config fields, e.g. "
+                     f"model.architecture={{model_type:llama,hidden_size:64}} (got {self.architecture!r})")
+        elif self.architecture is not None and "model_type" not in self.architecture:
             p.append("model.architecture needs a model_type (e.g. llama, bloom) besides its sizes")
         if (self.random_init and self.architecture and self.architecture_of
                 and self.architecture_of != self.name_or_path):
@@ -652,7 +662,7 @@ def normalize_overrides(overrides: list[str]) -> tuple[list[str], list[str], lis
     """
     known = schema_keys()
     sections = set(SECTIONS)
-    open_dicts = [k for k, t in known.items() if k not in sections and "dict" in str(t)]
+    open_dicts = [k for k, t in known.items() if k not in sections and "dict" in str(t).lower()]
     out, notes, problems = [], [], []
     for item in overrides:
         parts = _split_override(item)
@@ -685,7 +695,7 @@ def normalize_overrides(overrides: list[str]) -> tuple[list[str], list[str], lis
 
 def type_hint(key: str) -> str:
     """What a key takes, in words, with its default as an example (for value errors)."""
-    kind = str(schema_keys().get(key, ""))
+    kind = str(schema_keys().get(key, "")).lower()
     words = next((w for t, w in (("bool", "true or false"), ("int", "an integer"), ("float", "a number"),
                                  ("list", "a list, e.g. [a,b]"), ("dict", "a dict, e.g. {a:1}"), ("str", "text"))
                   if t in kind), "a value of its type")

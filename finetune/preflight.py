@@ -238,17 +238,46 @@ def _write_problem(run_dir: Path, existing: Path, e: OSError) -> str:
     return f"{where} cannot be written ({e.strerror or e}): pass another output_dir=..."
 
 
-def run_dir_problems(cfg: Config, run_dir: Path) -> tuple[list[str], Optional[Path]]:
+class VerifiedOnce:
+    """The run folder's verifications for one start: each checkpoint, and the final adapter, is read and
+    checksummed once however many checks ask (every file of a large checkpoint is hashed)."""
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[str, Path], list[str]] = {}
+
+    def checkpoint(self, folder: Path) -> list[str]:
+        """finetune.checkpoint.verify_checkpoint, answered once per folder."""
+        from finetune.checkpoint import verify_checkpoint
+
+        return self._once("checkpoint", folder, verify_checkpoint)
+
+    def damaged_adapter(self, run_dir: Path) -> list[str]:
+        """What is wrong with the final adapter of the run in `run_dir` (empty if it is whole or absent)."""
+        from finetune.atomic import verify_directory
+
+        adapter = run_dir / "adapter"
+        return self._once("adapter", adapter, verify_directory) if adapter.exists() else []
+
+    def _once(self, kind: str, folder: Path, check) -> list[str]:
+        key = (kind, Path(folder).resolve())
+        if key not in self._answers:
+            self._answers[key] = check(folder)
+        return self._answers[key]
+
+
+def run_dir_problems(cfg: Config, run_dir: Path, verified: Optional[VerifiedOnce] = None
+                     ) -> tuple[list[str], Optional[Path]]:
     """What the run already in `run_dir` allows, and the checkpoint to resume from (None for a new run)."""
     from finetune.atomic import CheckpointError
     from finetune.checkpoint import find_latest_complete, resolve_resume
 
+    verified = verified or VerifiedOnce()
     problems: list[str] = []
     resume_from = None
     if cfg.train.resume:
         try:
-            resume_from = resolve_resume(cfg.train.resume, run_dir)
-            problems += resume_problems(resume_from, cfg, run_dir)
+            resume_from = resolve_resume(cfg.train.resume, run_dir, verified.checkpoint)
+            problems += resume_problems(resume_from, cfg, run_dir, verified)
         except CheckpointError as e:
             problems.append(str(e))
     elif not run_dir.is_dir():
@@ -256,18 +285,20 @@ def run_dir_problems(cfg: Config, run_dir: Path) -> tuple[list[str], Optional[Pa
     elif (run_dir / "adapter").exists():
         problems.append(f"output_dir {run_dir} already holds a finished run; pass another output_dir=..., remove it, "
                         "or add train.resume=auto to train it further (with a larger train.max_steps)")
-    elif find_latest_complete(run_dir)[0] is not None:
+    elif find_latest_complete(run_dir, verified.checkpoint)[0] is not None:
         problems.append(f"output_dir {run_dir} holds the checkpoints of an interrupted run: go on with it with "
                         "train.resume=auto, or pass another output_dir=...")
     return problems, resume_from
 
 
-def resume_problems(checkpoint: Path, cfg: Config, run_dir: Path) -> list[str]:
+def resume_problems(checkpoint: Path, cfg: Config, run_dir: Path, verified: Optional[VerifiedOnce] = None
+                    ) -> list[str]:
     """Why resuming from `checkpoint` into `run_dir` makes no sense (what it was trained on is checked later)."""
     from finetune.checkpoint import find_latest_complete
 
+    verified = verified or VerifiedOnce()
     step = int(checkpoint.name.removeprefix("step-")) if checkpoint.name.startswith("step-") else None
-    latest, _ = find_latest_complete(run_dir)
+    latest, _ = find_latest_complete(run_dir, verified.checkpoint)
     problems = []
     finished_at = _finished_step(run_dir)
     if step is not None and finished_at is not None and step < finished_at:
@@ -275,7 +306,7 @@ def resume_problems(checkpoint: Path, cfg: Config, run_dir: Path) -> list[str]:
                         f"is older: going on from it would redo steps {step + 1}-{finished_at}. Resume into another "
                         "output_dir")
     elif step is not None and step >= cfg.train.max_steps and finished_at is not None:
-        if step == cfg.train.max_steps and _damaged_adapter(run_dir):
+        if step == cfg.train.max_steps and verified.damaged_adapter(run_dir):
             return problems  # a repair: the final adapter is written again from the last checkpoint
         problems.append(f"train.resume: the run in {run_dir} already finished at step {step} "
                         f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train it further")
@@ -291,25 +322,21 @@ def resume_problems(checkpoint: Path, cfg: Config, run_dir: Path) -> list[str]:
     return problems
 
 
-def _damaged_adapter(run_dir: Path) -> list[str]:
-    """What is wrong with the final adapter of the run in `run_dir` (empty if it is whole or absent)."""
-    from finetune.atomic import verify_directory
-
-    return verify_directory(run_dir / "adapter") if (run_dir / "adapter").exists() else []
-
-
-def resume_notes(cfg: Config, run_dir: Path, resume_from: Optional[Path]) -> list[str]:
+def resume_notes(cfg: Config, run_dir: Path, resume_from: Optional[Path], verified: Optional[VerifiedOnce] = None
+                 ) -> list[str]:
     """What a resume chose and why, said before it starts: newer checkpoints passed over, an adapter repaired."""
     from finetune.checkpoint import find_latest_complete
 
     if resume_from is None:
         return []
+    verified = verified or VerifiedOnce()
     notes = []
     if cfg.train.resume == "auto" or (Path(cfg.train.resume) / "checkpoints").is_dir():
-        _, passed_over = find_latest_complete(run_dir if cfg.train.resume == "auto" else Path(cfg.train.resume))
+        _, passed_over = find_latest_complete(run_dir if cfg.train.resume == "auto" else Path(cfg.train.resume),
+                                              verified.checkpoint)
         notes += [f"train.resume={cfg.train.resume}: skipped {line}; resuming from {resume_from.name} instead"
                   for line in passed_over]
-    damaged = _damaged_adapter(run_dir)
+    damaged = verified.damaged_adapter(run_dir)
     if damaged and resume_from.name == f"step-{cfg.train.max_steps:06d}":
         notes.append(f"the final adapter of {run_dir} is damaged ({damaged[0]}): writing it again from "
                      f"{resume_from.name}, the run's last step")
@@ -346,7 +373,8 @@ def preflight(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None) -> t
     cuda = torch.cuda.is_available()
     problems = config_problems(cfg, cuda_available=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
     problems += output_dir_problems(run_dir)
-    run_problems, resume_from = run_dir_problems(cfg, run_dir)
+    verified = VerifiedOnce()  # the run folder's checkpoints, checksummed once for every check below
+    run_problems, resume_from = run_dir_problems(cfg, run_dir, verified)
     problems += run_problems
     mislabelled = random_init_problems(cfg)
     problems += mislabelled
@@ -362,6 +390,6 @@ def preflight(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None) -> t
     if problems:
         raise ConfigError(problems)
     if PartialState().is_main_process:
-        for note in notes(cfg) + resume_notes(cfg, run_dir, resume_from):
+        for note in notes(cfg) + resume_notes(cfg, run_dir, resume_from, verified):
             print(f"[finetune] {note}", flush=True)
     return source, resume_from

@@ -62,6 +62,10 @@ def composition_problem(e: Exception) -> str:
     key = getattr(cause, "full_key", None)
     message = str(cause).split("\n", 1)[0]
     if key:
+        # A new key under a dict (quant.device_map, model.architecture) needs Hydra's `+`: say so.
+        append = str(e).split("To append to your config use ", 1)
+        if len(append) == 2:
+            return f"{key}: {message}; to add it, prefix the override with +: {append[1].strip()}"
         return f"{key}: {message}; {key} takes {type_hint(key)}"
     from hydra.errors import OverrideParseException
 

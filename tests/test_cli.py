@@ -92,6 +92,25 @@ def test_wrong_type_is_rejected(cache_dir, tmp_path):
     assert "Value 'abc' of type 'str' could not be converted to Integer" in result.stderr
 
 
+
+def test_architecture_as_a_mapping_on_the_command_line(cache_dir, tmp_path):
+    # model.architecture is null by default: a mapping given for it once ended in an OmegaConf AttributeError.
+    from finetune.config import ConfigError
+    from finetune.run import compose
+
+    sizes = run_cli([f"output_dir={tmp_path}/run", "model.architecture={hidden_size:64}"], cache_dir)
+    assert sizes.returncode == 2 and "Traceback" not in sizes.stderr, sizes.stderr[-3000:]
+    assert "model.architecture needs a model_type (e.g. llama, bloom) besides its sizes" in sizes.stderr
+    assert "footprint" not in sizes.stdout and not (tmp_path / "run" / "config.json").exists()  # before any model loads
+
+    shown = run_cli(["model.architecture={model_type:llama,hidden_size:64}", "+model.architecture.num_hidden_layers=2",
+                     "--cfg", "job"], cache_dir)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "  architecture:\n    model_type: llama\n    hidden_size: 64\n    num_hidden_layers: 2\n" in shown.stdout
+    with pytest.raises(ConfigError, match=r"to add it, prefix the override with \+: \+model.architecture.n_layer=2"):
+        compose(["output_dir=/tmp/unused", "model.architecture.n_layer=2"])
+    assert compose(["output_dir=/tmp/unused", "model=bloom_1b7", "model.architecture.n_layer=2"]).model.architecture["n_layer"] == 2
+
 def test_cfg_job_prints_the_composed_config_with_overrides(cache_dir):
     result = run_cli(["recipe=bloom_nf4", "lora.r=32", "--cfg", "job"], cache_dir)
     assert result.returncode == 0, result.stderr

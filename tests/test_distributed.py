@@ -116,19 +116,52 @@ def test_ddp_adapter_matches_one_process(ddp, one_process):
         torch.testing.assert_close(many[key], one[key], rtol=1e-4, atol=1e-5)
 
 
+def _files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+
+
+# What a finished 2-rank DDP run of COMMON leaves: no staging leftovers, no second copy of anything.
+_CHECKPOINT = ["adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+               "adapter/finetune_manifest.json", "finetune_manifest.json", "optimizer.pt",
+               "rng-rank000.pt", "rng-rank001.pt", "scheduler.pt", "trainer_state.json"]
+DDP_RUN_FILES = sorted(
+    ["config.json", "summary.json", "curves.png", "adapter/README.md", "adapter/adapter_config.json",
+     "adapter/adapter_model.safetensors", "adapter/finetune_manifest.json"]
+    + [f"checkpoints/step-{s:06d}/{f}" for s in (2, 4) for f in _CHECKPOINT]
+)
+
+
 def test_only_rank_0_writes_and_every_rank_saves_its_rng(ddp):
     run_dir, result = ddp
-    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
-    checkpoint = ["adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                  "adapter/finetune_manifest.json", "finetune_manifest.json", "optimizer.pt",
-                  "rng-rank000.pt", "rng-rank001.pt", "scheduler.pt", "trainer_state.json"]
-    expected = sorted(
-        ["config.json", "summary.json", "curves.png", "adapter/README.md", "adapter/adapter_config.json",
-         "adapter/adapter_model.safetensors", "adapter/finetune_manifest.json"]
-        + [f"checkpoints/step-{s:06d}/{f}" for s in (2, 4) for f in checkpoint]
-    )
-    assert files == expected  # no staging leftovers, no second copy of anything
+    assert _files(run_dir) == DDP_RUN_FILES
     assert result.stdout.count("finetune: done") == 1
+
+
+def test_two_nodes_meet_at_a_c10d_rendezvous_and_train_as_the_one_node_run(
+        ddp, tiny_llama, instruction_file, cache_dir, tmp_path):
+    # Two torchrun launchers of one rank each, as two nodes would start them (scripts/slurm_finetune.sbatch
+    # uses the same flags): the rendezvous, not the command line, gives each its node rank. One of them
+    # hosts the rendezvous store on the endpoint, the other connects to it.
+    out = tmp_path / "run"  # on a cluster, a folder every node sees
+    port = _free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"two-nodes-{port}",
+               "-m", "finetune", *tiny_run_args(tiny_llama, instruction_file, out, *COMMON, *FLOAT32)]
+    nodes = [subprocess.Popen(command, cwd=ROOT, env=cli_env(cache_dir), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        results = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (stdout, stderr) in zip(nodes, results):
+        assert node.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    stdout = "".join(stdout for stdout, _ in results)
+    assert stdout.count("finetune: start") == stdout.count("finetune: done") == 1  # from rank 0's node only
+    assert "processes    2 (DDP over gloo)" in stdout
+    assert "global batch: 4 per rank x accum 2 x 2 rank(s)" in stdout
+    assert _files(out) == DDP_RUN_FILES
+    assert _losses(out) == pytest.approx(_losses(ddp[0]), rel=1e-6)
 
 
 def test_every_example_once_per_epoch_across_ranks():

@@ -251,6 +251,38 @@ def test_resume_needs_a_checkpoint_and_an_interrupted_run_needs_resume(interrupt
 
 
 
+@pytest.mark.parametrize("resume", ["auto", "run folder", "step-000004"])
+def test_a_start_checksums_each_checkpoint_once(resume, interrupted, tiny_llama, data_40, cache_dir, tmp_path,
+                                                monkeypatch, capsys):
+    # Resolving the resume, checking it against the folder's latest and saying what was passed over
+    # all read the same checkpoints; a large one costs a full read of every file per pass.
+    import finetune.atomic
+    from finetune.preflight import preflight
+    from finetune.run import compose
+
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    optimizer = out / "checkpoints" / "step-000006" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-1] + bytes([optimizer.read_bytes()[-1] ^ 1]))  # corrupt, same size
+    hashed: list[Path] = []
+    real_sha256 = finetune.atomic.sha256_file
+
+    def counted(path: Path) -> str:
+        hashed.append(Path(path))
+        return real_sha256(path)
+
+    monkeypatch.setattr(finetune.atomic, "sha256_file", counted)
+    named = {"auto": "auto", "run folder": str(out), "step-000004": str(out / "checkpoints" / "step-000004")}[resume]
+    cfg = compose(resume_args(tiny_llama, data_40, out, f"train.resume={named}"))
+    _, resume_from = preflight(cfg, out, cache_dir)
+    assert resume_from == out / "checkpoints" / "step-000004"
+    assert any(p.parent.name == "step-000004" for p in hashed) and any(p == optimizer for p in hashed)
+    twice = sorted({str(p) for p in hashed if hashed.count(p) > 1})
+    assert twice == [], twice
+    if resume != "step-000004":
+        assert "skipped step-000006: " in capsys.readouterr().out
+
+
 def test_adamw_is_fused_and_stays_fused_when_resumed_from_an_unfused_checkpoint():
     import copy
 
