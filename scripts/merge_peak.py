@@ -1,6 +1,7 @@
 """Peak memory and time of `python -m finetune.merge` on a model shape with random weights (no hub needed).
 
-    python scripts/merge_peak.py --shape llama3-8b [--cache /tmp/finetune-bench] [--original]
+    python scripts/merge_peak.py --shape llama3-8b [--cache /tmp/finetune-bench] [--base dequantized|original|both]
+    python scripts/merge_peak.py --shape llama3-8b --train-only          # model and adapter only (a first call)
     python scripts/merge_peak.py --shape tiny-llama --device cpu        # a quick check on the CPU
 
 Builds (or reuses) the shape's random-weight bf16 folder with scripts/bench.py's build_random_model
@@ -8,7 +9,7 @@ and the offline tokenizer of finetune.tiny, trains a LoRA adapter on every linea
 through the real CLI on a few short rows (reused when its adapter exists), then runs
 `python -m finetune.merge adapter=RUN out=DIR base=dequantized` as a subprocess and prints the
 shape's parameter count, the merged folder's size, the merge's peak RSS (its own, and the kernel's
-figure for the subprocess), peak GPU memory, time and the parity report. --original merges with
+figure for the subprocess), peak GPU memory, time and the parity report. --base both merges with
 base=original too. Merged folders are deleted afterwards unless --keep.
 """
 
@@ -113,8 +114,8 @@ def summary(shape: str, params: int, base: str, m: dict) -> list[str]:
     r = m["report"]["resources"]
     gpu = lambda v: "-" if v is None else f"{v:.2f} GiB"  # noqa: E731
     lines = [
-        f"== {shape} ({params / 1e9:.3f} B parameters), base={base}, device {r['device']}",
-        f"merged folder     {m['bytes'] / 2**30:.2f} GiB ({m['out']})",
+        f"== {shape} ({params:,} parameters), base={base}, device {r['device']}",
+        f"merged folder     {m['bytes'] / 2**20:,.1f} MiB ({m['out']})",
         f"merge phase       {r['merge_seconds']:.1f} s; peak RSS {r['merge_peak_rss_gib']:.2f} GiB; peak GPU {gpu(r['merge_peak_gpu_gib'])}",
         f"whole command     {m['wall_s']:.1f} s wall ({r['seconds']:.1f} s inside); peak RSS {r['peak_rss_gib']:.2f} GiB "
         f"(kernel's ru_maxrss of the subprocess {m['child_maxrss_gib']:.2f} GiB); peak GPU {gpu(r['peak_gpu_gib'])}",
@@ -130,7 +131,8 @@ def main() -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), required=True)
     p.add_argument("--cache", type=Path, default=Path("/tmp/finetune-bench"))
     p.add_argument("--device", default="auto", help="the merge's device= (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--original", action="store_true", help="also merge with base=original")
+    p.add_argument("--base", choices=["dequantized", "original", "both"], default="dequantized")
+    p.add_argument("--train-only", action="store_true", help="build the model and train the adapter, merge nothing")
     p.add_argument("--keep", action="store_true", help="keep the merged folders")
     args = p.parse_args()
     if SHAPES[args.shape].get("model_type") != "llama":
@@ -140,8 +142,10 @@ def main() -> int:
     model = model_folder(args.shape, args.cache)
     params = parameter_count(model)
     run = trained_run(model, args.cache, args.shape)
+    if args.train_only:
+        return 0
     lines = []
-    for base in ["dequantized"] + (["original"] if args.original else []):
+    for base in ["dequantized", "original"] if args.base == "both" else [args.base]:
         m = merge(run, args.cache / f"{args.shape}-merged-{base}", base, args.device)
         lines += summary(args.shape, params, base, m)
         if not args.keep:
