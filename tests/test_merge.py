@@ -85,7 +85,8 @@ def test_lora_scale_is_peft_scaling_with_rslora_and_alpha_pattern(tiny_llama):
 
 def test_merge_cli_writes_a_plain_transformers_folder_that_matches_the_adapter(tiny_run, tmp_path, cache_dir):
     out = tmp_path / "merged"
-    result = run_cli([f"adapter={tiny_run}", f"out={out}", "max_shard_size=40KB"], cache_dir, module="finetune.merge")
+    result = run_cli([f"adapter={tiny_run}", f"out={out}", "max_shard_size=40KB", "device=cpu"], cache_dir,
+                     module="finetune.merge")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "parity: OK" in result.stdout and "peak RSS" in result.stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -140,7 +141,7 @@ def test_original_base_merge_matches_the_adapter_on_the_16bit_base(tiny_run, tin
     from safetensors.torch import load_file
 
     result = merge_adapter(tiny_run, tmp_path / "orig", base="original", dtype="float32", cache_dir=cache_dir,
-                           parity_rows=4, log=lambda s: None)
+                           parity_rows=4, log=lambda s: None, device="cpu")
     assert result.parity["failures"] == [] and result.parity["target"] == "adapter_16bit"
     merged = load_file(str(tmp_path / "orig" / "model.safetensors"))
     original = load_file(str(tiny_llama / "model.safetensors"))
