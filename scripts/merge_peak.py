@@ -4,8 +4,8 @@
     python scripts/merge_peak.py --shape llama3-8b --train-only          # model and adapter only (a first call)
     python scripts/merge_peak.py --shape tiny-llama --device cpu        # a quick check on the CPU
 
-Builds (or reuses) the shape's random-weight bf16 folder with scripts/bench.py's build_random_model
-and the offline tokenizer of finetune.tiny, trains a LoRA adapter on every linear layer for 2 steps
+Builds (or reuses: the same CACHE/SHAPE folder as scripts/bench.py) the shape's random-weight bf16
+folder with bench.py's build_random_model, saves the offline tokenizer of finetune.tiny, trains a LoRA adapter on every linear layer for 2 steps
 through the real CLI on a few short rows (reused when its adapter exists), then runs
 `python -m finetune.merge adapter=RUN out=DIR base=dequantized` as a subprocess and prints the
 shape's parameter count, the merged folder's size, the merge's peak RSS (its own, and the kernel's
@@ -57,20 +57,20 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def model_folder(shape: str, cache: Path) -> Path:
-    """The shape's random bf16 weights with the offline tokenizer saved beside them."""
+def model_folder(shape: str, cache: Path) -> tuple[Path, Path]:
+    """The shape's random bf16 weights (bench.py's folder) and the offline tokenizer's folder."""
     from finetune.tiny import build_tiny_tokenizer
 
-    folder = cache / f"{shape}-random"
+    folder, tokenizer = cache / shape, cache / "merge_peak_tokenizer"
     started = time.perf_counter()
     build_random_model(shape, folder)
-    if not (folder / "tokenizer.json").exists():
-        build_tiny_tokenizer().save_pretrained(folder)
+    if not (tokenizer / "tokenizer.json").exists():
+        build_tiny_tokenizer().save_pretrained(tokenizer)
     print(f"[merge_peak] model {folder} ready in {time.perf_counter() - started:.0f} s", flush=True)
-    return folder
+    return folder, tokenizer
 
 
-def trained_run(model: Path, cache: Path, shape: str) -> Path:
+def trained_run(model: Path, tokenizer: Path, cache: Path, shape: str) -> Path:
     """A 2-step LoRA run (all linear layers, NF4) of the real CLI; reused when its adapter exists."""
     run = cache / f"{shape}-run"
     if (run / "adapter" / "adapter_model.safetensors").exists():
@@ -80,7 +80,7 @@ def trained_run(model: Path, cache: Path, shape: str) -> Path:
     data = cache / "merge_peak_rows.jsonl"
     data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in ROWS))
     cmd = [
-        sys.executable, "-m", "finetune", f"model.name_or_path={model}", f"data.path={data}", "data.format=instruction",
+        sys.executable, "-m", "finetune", f"model.name_or_path={model}", f"model.tokenizer={tokenizer}", f"data.path={data}", "data.format=instruction",
         "data.eval_fraction=0.25", "data.max_length=64", "lora.target_modules=[all-linear]", "train.max_steps=2",
         "train.batch_size=4", "train.grad_accum=1", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0",
         "train.lr=1e-3", "log.wandb=false", "sample.prompts=[]", f"output_dir={run}",
@@ -139,9 +139,9 @@ def main() -> int:
         p.error(f"--shape {args.shape} is not a llama shape; use one of "
                 f"{', '.join(s for s, a in SHAPES.items() if a.get('model_type') == 'llama')}")
     args.cache.mkdir(parents=True, exist_ok=True)
-    model = model_folder(args.shape, args.cache)
+    model, tokenizer = model_folder(args.shape, args.cache)
     params = parameter_count(model)
-    run = trained_run(model, args.cache, args.shape)
+    run = trained_run(model, tokenizer, args.cache, args.shape)
     if args.train_only:
         return 0
     lines = []
