@@ -1,6 +1,6 @@
 """Generate with llama.cpp from our GGUF export and with transformers from the merged folder, side by side.
 
-    pip install llama-cpp-python         # builds llama.cpp from source (CMAKE_ARGS="-DGGML_NATIVE=OFF")
+    pip install .[llamacpp]              # llama-cpp-python: builds llama.cpp (CMAKE_ARGS="-DGGML_NATIVE=OFF")
     python scripts/gguf_llamacpp_check.py [--model MERGED_DIR] [--types f16,q8_0] [--tokens 32]
 
 --model is a merged folder (python -m finetune.merge); by default the embedded SmolLM2-135M-Instruct
