@@ -10,7 +10,8 @@ parity report (finetune.parity) that compares the merged model with the adapter 
 Keys: adapter (run or adapter folder), out (a new folder), base (dequantized | original), dtype
 (bfloat16 | float16 | float32; default: the run's compute dtype), format (hf | gguf), gguf_type
 (f16 | bf16 | q8_0), prompts (a text file, one prompt per line; default: the run's eval rows),
-parity_rows (8), max_shard_size (bytes or 2GB/500MB), push_to_hub (a repo id; needs the network).
+parity_rows (8), max_shard_size (bytes or 2GB/500MB), device (auto | cpu | cuda | cuda:N; auto: the GPU
+when there is one), push_to_hub (a repo id; needs the network).
 """
 
 from __future__ import annotations
@@ -36,13 +37,42 @@ DEFAULT_SHARD_BYTES = 2 * 10**9
 MERGED_KIND = "finetune-merged-model"
 KEYS = {
     "adapter": None, "out": None, "base": "dequantized", "dtype": None, "format": "hf", "gguf_type": "f16",
-    "prompts": None, "parity_rows": "8", "max_shard_size": "2GB", "push_to_hub": None,
+    "prompts": None, "parity_rows": "8", "max_shard_size": "2GB", "device": "auto", "push_to_hub": None,
 }
 PEFT_PREFIX = "base_model.model."
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
 
 class MergeError(ValueError):
     """A merge that cannot be done as asked; the message says how to fix it (exit 2)."""
+
+
+def device_problem(spec: str) -> Optional[str]:
+    """Why `device=spec` cannot be used here, or None."""
+    m = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if spec in ("auto", "cpu"):
+        return None
+    if not m:
+        return f"device={spec} is not a device; use device=auto (the GPU when there is one), cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        return f"device={spec} but this machine has no CUDA GPU that torch can use; use device=cpu (or device=auto)"
+    index = int(m.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        return f"device={spec} but this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+    return None
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The torch device of a valid `device=` value (auto: cuda:0 when a GPU is there, else cpu)."""
+    if problem := device_problem(spec):
+        raise MergeError(problem)
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", int(spec.partition(":")[2] or 0)) if spec.startswith("cuda") else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------- the adapter
@@ -154,7 +184,8 @@ def dequantized_weight(weight: torch.Tensor, quant) -> torch.Tensor:
     4-bit: the weight in the compute dtype is quantized with the recorded type, block size 64 and
     double quantization (bitsandbytes' Params4bit._quantize), and dequantized with its quant state.
     8-bit: row-wise absmax int8 of the fp16 weight (Int8Params._quantize), times SCB / 127; the weight
-    reaches fp16 through the compute dtype, as transformers loads it.
+    reaches fp16 through the compute dtype, as transformers loads it. Both run on the device `weight`
+    is on, with that device's bitsandbytes kernels, as the quantized layers do on load there.
     """
     import bitsandbytes.functional as F
 
@@ -175,6 +206,35 @@ def dequantized_weight(weight: torch.Tensor, quant) -> torch.Tensor:
 # --------------------------------------------------------------------------------- streaming the base
 
 
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each tensor of a safetensors file, in file order, one at a time.
+
+    Plain reads, not a memory map: pages of a mapped file stay in the process's resident memory
+    until it is unmapped, so a single-file base would be counted whole in the merge's peak.
+    """
+    with open(path, "rb", buffering=0) as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise MergeError(f"{path}: tensor {name} has dtype {info['dtype']}, which the merge cannot read")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
+            if end == start:
+                yield name, torch.empty(info["shape"], dtype=dtype)
+                continue
+            buffer = bytearray(end - start)
+            view, done = memoryview(buffer), 0
+            f.seek(8 + size + start)
+            while done < len(buffer):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise MergeError(f"{path} ends inside tensor {name}: the file is truncated")
+                done += n
+            yield name, torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+
+
 def merged_tensors(
     source: str,
     parts: AdapterParts,
@@ -183,38 +243,43 @@ def merged_tensors(
     quant,
     quantized: set[str],
     dtype: torch.dtype,
+    device: Optional[torch.device] = None,
     scale: Optional[Callable[[str, LoraDelta], float]] = None,
     skip_replaced: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, merged tensor in `dtype`) for every tensor of the base, one at a time.
+    """(name, merged tensor in `dtype`, on the CPU) for every tensor of the base, one at a time.
 
-    `scale` and `skip_replaced` exist to plant merge bugs in tests (a wrong LoRA scaling, a merge
-    that forgets modules_to_save); the parity report must catch both.
+    Each tensor is re-quantized, dequantized and merged on `device`, then brought back, so the
+    device holds about one tensor at a time. `scale` and `skip_replaced` exist to plant merge bugs
+    in tests (a wrong LoRA scaling, a merge that forgets modules_to_save); the parity report must
+    catch both.
     """
-    from safetensors import safe_open
-
     from finetune.source import safetensors_files
 
+    device = device or torch.device("cpu")
     used_deltas, used_replaced = set(), set()
     for path in safetensors_files(source):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                if name in parts.replaced and not skip_replaced:
-                    used_replaced.add(name)
-                    yield name, parts.replaced[name].to(dtype)
-                    continue
-                tensor = f.get_tensor(name)
-                module = name.rsplit(".", 1)[0]
-                quantize = base == "dequantized" and name.endswith(".weight") and module in quantized
-                if quantize:
-                    tensor = dequantized_weight(tensor, quant)
-                if name in parts.deltas:
-                    used_deltas.add(name)
-                    d = parts.deltas[name]
-                    s = d.scale if scale is None else scale(name, d)
-                    tensor = tensor.float() + dataclasses.replace(d, scale=s).delta()
+        for name, tensor in read_safetensors(path):
+            if name in parts.replaced and not skip_replaced:
+                used_replaced.add(name)
+                yield name, parts.replaced[name].to(dtype)
+                continue
+            module = name.rsplit(".", 1)[0]
+            quantize = base == "dequantized" and name.endswith(".weight") and module in quantized
+            if not quantize and name not in parts.deltas:
                 yield name, tensor.to(dtype)
-                del tensor
+                continue
+            tensor = tensor.to(device)
+            if quantize:
+                tensor = dequantized_weight(tensor, quant)
+            if name in parts.deltas:
+                used_deltas.add(name)
+                d = parts.deltas[name]
+                s = d.scale if scale is None else scale(name, d)
+                d = dataclasses.replace(d, A=d.A.to(device), B=d.B.to(device), scale=s)
+                tensor = tensor.float() + d.delta()
+            yield name, tensor.to(dtype).cpu()
+            del tensor
     missing = (set(parts.deltas) - used_deltas) | (set() if skip_replaced else set(parts.replaced) - used_replaced)
     tied_head = {n for n in missing if n in parts.replaced}
     for name in sorted(tied_head):  # a replaced output head of a model with tied embeddings is written on its own
@@ -285,11 +350,27 @@ class MergeResult:
     peak_rss_gib: float
     parity: dict[str, Any] = field(default_factory=dict)
     gguf: Optional[Path] = None
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_gpu_gib(device: torch.device) -> Optional[float]:
+    """torch.cuda.max_memory_allocated on `device` since its last reset, or None off the GPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def describe_resources(r: dict[str, Any]) -> list[str]:
+    """The summary lines of the merge's time and peak memory."""
+    gpu = "" if r["merge_peak_gpu_gib"] is None else f", GPU {r['merge_peak_gpu_gib']:.2f} GiB"
+    lines = [f"merge         {r['merge_seconds']:.1f} s on {r['device']}; peak RSS {r['merge_peak_rss_gib']:.2f} GiB{gpu} "
+             "(reading, merging and writing the weights)"]
+    gpu = "" if r["peak_gpu_gib"] is None else f", GPU {r['peak_gpu_gib']:.2f} GiB"
+    lines.append(f"whole command {r['seconds']:.1f} s; peak RSS {r['peak_rss_gib']:.2f} GiB{gpu} (with the parity check's model loads)")
+    return lines
 
 
 def write_model_files(folder: Path, source: str, cfg, dtype: torch.dtype, untie: bool) -> None:
@@ -345,13 +426,16 @@ def merge_adapter(
     prompts: Optional[list[str]] = None,
     parity_rows: int = 8,
     check_parity: bool = True,
+    device: str = "auto",
     cache_dir: Optional[Path] = None,
     log: Callable[[str], None] = print,
 ) -> MergeResult:
     """Merge the adapter of a run (or adapter folder) into its base and write a transformers folder at `out`.
 
-    Raises MergeError for a merge that cannot be done and finetune.parity.ParityError when the
-    merged model does not answer like the adapter; `out` appears only when everything passed.
+    `device` (auto, cpu, cuda, cuda:N) is where each tensor is re-quantized and merged and where the
+    parity check runs its models. Raises MergeError for a merge that cannot be done and
+    finetune.parity.ParityError when the merged model does not answer like the adapter; `out`
+    appears only when everything passed.
     """
     from finetune.adapter import read_adapter_manifest, resolve_adapter_dir
     from finetune.atomic import atomic_directory
@@ -361,9 +445,12 @@ def merge_adapter(
 
     started = time.perf_counter()
     out = Path(out)
-    problems = arg_problems(base=base, dtype=dtype, format=format, gguf_type=gguf_type, out=out)
+    problems = arg_problems(base=base, dtype=dtype, format=format, gguf_type=gguf_type, out=out, device=device)
     if problems:
         raise MergeError("\n  ".join(problems))
+    where = resolve_device(device)
+    if where.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(where)
     adapter_dir = resolve_adapter_dir(Path(adapter))
     manifest = read_adapter_manifest(adapter_dir)
     cfg = manifest.config
@@ -389,42 +476,51 @@ def merge_adapter(
     record = {"kind": MERGED_KIND, "base": base, "dtype": dtype_name, "adapter": str(adapter_dir),
               "base_model": manifest.data["base_model"], "base_source": source}
     with atomic_directory(out, record) as tmp:
-        log(f"[merge] merging {len(parts.deltas)} LoRA layers into {source} ({base} base, {dtype_name}) ...")
+        log(f"[merge] merging {len(parts.deltas)} LoRA layers into {source} ({base} base, {dtype_name}, on {where}) ...")
         stats = write_shards(
-            merged_tensors(source, parts, base=base, quant=cfg.quant, quantized=quantized, dtype=torch_dtype),
+            merged_tensors(source, parts, base=base, quant=cfg.quant, quantized=quantized, dtype=torch_dtype,
+                           device=where),
             tmp, max_shard_size,
         )
         untie = any(n.startswith("lm_head.") for n in parts.replaced)
         write_model_files(tmp, source, cfg, torch_dtype, untie)
-        peak = peak_rss_gib()
+        resources: dict[str, Any] = {
+            "device": str(where), "merge_seconds": time.perf_counter() - started,
+            "merge_peak_rss_gib": peak_rss_gib(), "merge_peak_gpu_gib": peak_gpu_gib(where),
+        }
         log(f"[merge] wrote {stats['tensors']} tensors in {stats['shards']} shard(s), {stats['bytes'] / 2**20:,.1f} MiB; "
-            f"peak RSS {peak:.2f} GiB")
+            f"peak RSS {resources['merge_peak_rss_gib']:.2f} GiB"
+            + ("" if where.type != "cuda" else f", peak GPU {resources['merge_peak_gpu_gib']:.2f} GiB"))
         report: dict[str, Any] = {}
         if check_parity:
-            report = parity_report(tmp, adapter_dir, cfg, source, base=base, prompts=prompts, rows=parity_rows, log=log)
-            (tmp / "parity.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2))
+            report = parity_report(tmp, adapter_dir, cfg, source, base=base, prompts=prompts, rows=parity_rows, log=log,
+                                   device=where)
         (tmp / "README.md").write_text(model_card(info, cfg, base, dtype_name, report))
         gguf_path = None
         if format == "gguf":
             from finetune.gguf_export import export_gguf
 
             gguf_path = export_gguf(tmp, tmp / f"model-{gguf_type}.gguf", gguf_type, log=log)
+        resources.update(seconds=time.perf_counter() - started, peak_rss_gib=peak_rss_gib(), peak_gpu_gib=peak_gpu_gib(where))
+        saved = {**{k: v for k, v in report.items() if k != "table"}, "resources": resources}
+        (tmp / "parity.json").write_text(json.dumps(saved, indent=2))
         if report.get("failures"):
             from finetune.parity import ParityError
 
             # Kept beside `out` so the reason can be read; the model folder itself never appears.
             failed = out.with_name(out.name + ".parity-failed.json")
-            failed.write_text(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=2))
+            failed.write_text(json.dumps(saved, indent=2))
             raise ParityError(report["failures"], failed)
     gguf_final = out / gguf_path.name if gguf_path else None
     return MergeResult(out, base, dtype_name, stats["shards"], stats["bytes"], time.perf_counter() - started,
-                       peak, report, gguf_final)
+                       resources["merge_peak_rss_gib"], report, gguf_final, resources)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def arg_problems(*, base: str, dtype: Optional[str], format: str, gguf_type: str, out: Path) -> list[str]:
+def arg_problems(*, base: str, dtype: Optional[str], format: str, gguf_type: str, out: Path,
+                 device: str = "auto") -> list[str]:
     """Everything wrong with the merge arguments, checked before any weights load."""
     from finetune.gguf_export import GGUF_TYPES
 
@@ -438,6 +534,8 @@ def arg_problems(*, base: str, dtype: Optional[str], format: str, gguf_type: str
         p.append(f"format={format} is not one of {', '.join(FORMATS)}")
     if gguf_type not in GGUF_TYPES:
         p.append(f"gguf_type={gguf_type} is not one of {', '.join(GGUF_TYPES)}")
+    if problem := device_problem(device):
+        p.append(problem)
     if out.exists():
         p.append(f"out={out} already exists; the merge never overwrites: pick a new folder or delete that one")
     return p
@@ -453,7 +551,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         problems.append("out=DIR is required (a new folder for the merged model)")
     if not problems:
         problems += arg_problems(base=values["base"], dtype=values.get("dtype"), format=values["format"],
-                                 gguf_type=values["gguf_type"], out=Path(values["out"]))
+                                 gguf_type=values["gguf_type"], out=Path(values["out"]), device=values["device"])
         if not values["parity_rows"].isdigit() or int(values["parity_rows"]) < 1:
             problems.append(f"parity_rows={values['parity_rows']} must be a positive whole number")
         if "prompts" in values and not Path(values["prompts"]).is_file():
@@ -505,6 +603,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             values["adapter"], values["out"], base=values["base"], dtype=values.get("dtype"),
             max_shard_size=parse_size(values["max_shard_size"]), format=values["format"],
             gguf_type=values["gguf_type"], prompts=prompts, parity_rows=int(values["parity_rows"]),
+            device=values["device"],
         )
     except (MergeError, GGUFExportError, CheckpointError) as e:
         fail([str(e)])
@@ -520,8 +619,8 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"{result.bytes / 2**20:,.1f} MiB)")
     if result.gguf:
         print(f"gguf          {result.gguf}")
-    print(f"peak memory   {result.peak_rss_gib:.2f} GiB (process RSS after merging and writing, before the parity check)")
-    print(f"time          {result.seconds:.0f} s")
+    for line in describe_resources(result.resources):
+        print(line)
     print(f"load it       AutoModelForCausalLM.from_pretrained('{result.out}')")
     print("=" * 80, flush=True)
 

@@ -106,9 +106,11 @@ def compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict[st
     }
 
 
-def _free(*objects) -> None:
-    del objects
+def _free() -> None:
+    """Return the memory of the models the caller has just deleted, so the next one loads into it."""
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _sixteen_bit_cfg(cfg):
@@ -125,9 +127,10 @@ def parity_report(
     prompts: Optional[list[str]] = None,
     rows: int = 8,
     log: Callable[[str], None] = print,
+    device: Optional[torch.device] = None,
 ) -> dict[str, Any]:
-    """Compare the merged model at `merged_dir` with the adapter on both bases; returns the report
-    (with "failures", empty when the merge is sound, and "table", the printed text)."""
+    """Compare the merged model at `merged_dir` with the adapter on both bases, each loaded on `device`
+    in turn; returns the report (with "failures", empty when the merge is sound, and "table", the printed text)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -135,16 +138,17 @@ def parity_report(
     from finetune.model import load_base
     from finetune.source import load_tokenizer
 
-    device = torch.device("cpu")
+    device = device or torch.device("cpu")
     tokenizer = load_tokenizer(cfg.model, source)
     ids, starts, where = parity_rows(cfg, tokenizer, prompts, rows)
     pad = tokenizer.pad_token_id
     log(f"[parity] comparing on {where} ...")
 
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), device_map={"": "cpu"})
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), device_map={"": device})
     merged.eval()
     outs = {"merged": model_outputs(merged, ids, starts, pad)}
-    _free(merged)
+    del merged
+    _free()
 
     quant_mode = cfg.quant.mode
     if quant_mode != "none":
@@ -153,7 +157,8 @@ def parity_report(
         if base == "dequantized":
             with adapted.disable_adapter():
                 outs["bare_base"] = model_outputs(adapted, ids, starts, pad)
-        _free(adapted)
+        del adapted
+        _free()
     sixteen_bit = _sixteen_bit_cfg(cfg)
     plain = load_base(sixteen_bit.model, sixteen_bit.quant, source, device)
     adapted16 = PeftModel.from_pretrained(plain, str(adapter_dir))
@@ -162,7 +167,8 @@ def parity_report(
     if "bare_base" not in outs:
         with adapted16.disable_adapter():
             outs["bare_base"] = model_outputs(adapted16, ids, starts, pad)
-    _free(adapted16, plain)
+    del adapted16, plain
+    _free()
 
     target = "adapter_quantized" if base == "dequantized" else "adapter_16bit"
     comparisons = {

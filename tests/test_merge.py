@@ -41,8 +41,10 @@ def _cfg(run: Path):
     return read_adapter_manifest(run / "adapter").config
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("mode", ["nf4", "fp4", "int8"])
-def test_dequantized_weight_is_bit_exact_with_the_loaded_quantized_layer(tiny_llama, mode):
+def test_dequantized_weight_is_bit_exact_with_the_loaded_quantized_layer(tiny_llama, mode, device):
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
     from safetensors.torch import load_file
@@ -51,7 +53,7 @@ def test_dequantized_weight_is_bit_exact_with_the_loaded_quantized_layer(tiny_ll
     from finetune.run import compose
 
     cfg = compose([f"model.name_or_path={tiny_llama}", "output_dir=/tmp/unused", f"quant={mode}"])
-    model = load_base(cfg.model, cfg.quant, str(tiny_llama), torch.device("cpu"))
+    model = load_base(cfg.model, cfg.quant, str(tiny_llama), torch.device(device))
     original = load_file(str(tiny_llama / "model.safetensors"))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
     assert set(layers) == quantized_linear_names(str(tiny_llama), cfg) and layers
@@ -60,7 +62,7 @@ def test_dequantized_weight_is_bit_exact_with_the_loaded_quantized_layer(tiny_ll
             loaded = F.int8_vectorwise_dequant(layer.weight.CB, layer.weight.SCB).float()
         else:
             loaded = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-        ours = dequantized_weight(original[f"{name}.weight"], cfg.quant)
+        ours = dequantized_weight(original[f"{name}.weight"].to(device), cfg.quant)
         assert torch.equal(ours, loaded), name
 
 
@@ -83,9 +85,10 @@ def test_lora_scale_is_peft_scaling_with_rslora_and_alpha_pattern(tiny_llama):
 
 def test_merge_cli_writes_a_plain_transformers_folder_that_matches_the_adapter(tiny_run, tmp_path, cache_dir):
     out = tmp_path / "merged"
-    result = run_cli([f"adapter={tiny_run}", f"out={out}", "max_shard_size=40KB"], cache_dir, module="finetune.merge")
+    result = run_cli([f"adapter={tiny_run}", f"out={out}", "max_shard_size=40KB", "device=cpu"], cache_dir,
+                     module="finetune.merge")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "parity: OK" in result.stdout and "peak memory" in result.stdout
+    assert "parity: OK" in result.stdout and "peak RSS" in result.stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded
     config = json.loads((out / "config.json").read_text())
@@ -138,14 +141,18 @@ def test_original_base_merge_matches_the_adapter_on_the_16bit_base(tiny_run, tin
     from safetensors.torch import load_file
 
     result = merge_adapter(tiny_run, tmp_path / "orig", base="original", dtype="float32", cache_dir=cache_dir,
-                           parity_rows=4, log=lambda s: None)
+                           parity_rows=4, log=lambda s: None, device="cpu")
     assert result.parity["failures"] == [] and result.parity["target"] == "adapter_16bit"
     merged = load_file(str(tmp_path / "orig" / "model.safetensors"))
     original = load_file(str(tiny_llama / "model.safetensors"))
     parts = read_adapter_parts(tiny_run / "adapter")
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(merged[name], original[name].float() + parts.deltas[name].delta())
-    assert result.peak_rss_gib > 0
+    # The report carries the merge's own time and peak memory (no GPU figure on the CPU).
+    saved = json.loads((tmp_path / "orig" / "parity.json").read_text())["resources"]
+    assert saved == result.resources and saved["device"] == "cpu" and saved["merge_peak_gpu_gib"] is None
+    assert 0 < saved["merge_peak_rss_gib"] <= saved["peak_rss_gib"] < 64
+    assert 0 < saved["merge_seconds"] <= saved["seconds"]
 
 
 def _planted(tiny_run: Path, folder: Path, cache_dir: Path, **bug) -> dict:
@@ -191,6 +198,8 @@ def test_bad_arguments_exit_2_before_loading_anything(tiny_run, tmp_path, capsys
         "max_shard_size=big": "max_shard_size=big",
         "outt=x": "did you mean 'out'",
         "prompts=/no/such/file": "prompts=/no/such/file is not a file",
+        "device=tpu": "device=tpu is not a device",
+        "device=cuda:99": "device=cuda:99 but this machine has",
     }
     for arg, expected in cases.items():
         args = [f"adapter={tiny_run}", *([] if arg.startswith("out=") else [f"out={tmp_path / 'new'}"]), arg]
