@@ -224,3 +224,19 @@ def test_base_original_refused_as_dequantized_when_trained_unquantized(tiny_llam
     assert trained.returncode == 0, trained.stderr[-2000:]
     with pytest.raises(MergeError, match="base=original"):
         merge_adapter(run, tmp_path / "m", base="dequantized", cache_dir=cache_dir)
+
+
+def test_top1_agreement_is_judged_where_the_reference_is_decided():
+    from finetune.parity import DECIDED_MARGIN, compare
+
+    torch.manual_seed(0)
+    ref = torch.randn(40, 50)
+    ref[:30, 7] = ref[:30].max(-1).values + 2 * DECIDED_MARGIN  # 30 decided positions: token 7 leads clearly
+    ref[30:, 3] = ref[30:].max(-1).values + 1e-3  # 10 near-ties between token 3 and the runner-up
+    other = ref.clone()
+    other[30:, 3] -= 2e-3  # rounding-sized changes swap the near-tied tokens only
+    c = compare([ref], [other])
+    assert c["top1_agreement"] == pytest.approx(0.75)
+    assert c["decided_positions"] == 30 and c["top1_agreement_decided"] == 1.0
+    other[:3, 7] -= 4 * DECIDED_MARGIN  # a real change: decided positions now disagree
+    assert compare([ref], [other])["top1_agreement_decided"] == pytest.approx(27 / 30)
