@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import SHAPES, build_random_model  # noqa: E402
+from bench import SHAPES  # noqa: E402
 
 ROWS = [
     ("What is the capital of France?", "Paris."), ("Name a primary color.", "Red."),
@@ -63,7 +63,12 @@ def model_folder(shape: str, cache: Path) -> tuple[Path, Path]:
 
     folder, tokenizer = cache / shape, cache / "merge_peak_tokenizer"
     started = time.perf_counter()
-    build_random_model(shape, folder)
+    if not (folder / "config.json").exists():
+        # In a child process: Linux carries a process's peak RSS across fork and exec, so the merge
+        # subprocess would report this process's peak (the whole model, built in memory) as its own.
+        code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                "from bench import build_random_model; build_random_model(sys.argv[2], Path(sys.argv[3]))")
+        subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), shape, str(folder)], check=True)
     if not (tokenizer / "tokenizer.json").exists():
         build_tiny_tokenizer().save_pretrained(tokenizer)
     print(f"[merge_peak] model {folder} ready in {time.perf_counter() - started:.0f} s", flush=True)
