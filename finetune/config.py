@@ -413,8 +413,12 @@ class SpeedConfig:
     """Long context: run each decoder block's MLP this many tokens at a time, each slice checkpointed,
     so its intermediates (several seq x intermediate tensors) exist for one slice only; 0 runs it whole."""
     offload_checkpoints: bool = False
-    """Long context, with train.gradient_checkpointing: keep each checkpointed block's input in pinned
-    CPU memory between forward and backward instead of on the GPU (layers x seq x hidden x 2 B)."""
+    """With train.gradient_checkpointing: keep each checkpointed block's input in pinned CPU memory
+    between forward and backward instead of on the GPU (layers x seq x hidden x 2 B); with speed.compile
+    the copies overlap the compute."""
+    offload_embeddings: bool = False
+    """Keep the frozen input embedding matrix in pinned CPU memory and send each batch's rows to the GPU
+    (finetune/speed/host_embeddings.py): vocab x hidden x 2 B less GPU memory. Not for tied output heads."""
 
     def problems(self) -> list[str]:
         p = []
@@ -428,9 +432,13 @@ class SpeedConfig:
             p.append(f"speed.width_buckets must be at least 1 (got {self.width_buckets}); 4 is a good start")
         if self.mlp_chunk_size < 0:
             p.append(f"speed.mlp_chunk_size must be >= 0, 0 runs the MLP whole (got {self.mlp_chunk_size})")
-        if self.compile and (self.mlp_chunk_size or self.offload_checkpoints):
-            p.append("speed.mlp_chunk_size and speed.offload_checkpoints run uncompiled blocks; set speed.compile=false "
+        if self.compile and self.mlp_chunk_size:
+            p.append("speed.mlp_chunk_size runs uncompiled blocks; set speed.compile=false "
                      "(at long context attention dominates the step, which compiling does not speed up)")
+        if self.cuda_graphs and self.offload_checkpoints:
+            # A graph's saved tensors live in the graph's own memory pool: moving them frees nothing.
+            p.append("speed.offload_checkpoints=true frees GPU memory that CUDA graphs keep in their own pool; "
+                     "set speed.cuda_graphs=false")
         return p
 
 

@@ -23,7 +23,9 @@ live outside them (in `quant_state` / `SCB`), so they are reported as a column o
 The training peak is the sum of
 
     base weights    the footprint above, with every unquantized parameter upcast to fp32 by
-                    peft's prepare_model_for_kbit_training (quantized modes, speed.fp32_frozen)
+                    peft's prepare_model_for_kbit_training (quantized modes, speed.fp32_frozen);
+                    with speed.offload_embeddings less the input embeddings (vocab x hidden),
+                    plus the batch's rows of them
     LoRA            trainable parameters x (4 B weight + 4 B gradient + optimizer state: 8 B for
                     AdamW and paged 32-bit AdamW, 2 B for the 8-bit variants)
     checkpoints     with gradient checkpointing, each layer's input is kept:
@@ -269,6 +271,11 @@ def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footpri
             ("two decoder blocks gathered whole (running + prefetched)", 2 * block),
             (f"output head gathered in bf16 ({vocab:,} x {hidden} x 2 B)", vocab * hidden * 2),
         ]
+    elif getattr(speed, "offload_embeddings", False):
+        table = vocab * hidden * (4 if upcast else _dtype_bytes(q.compute_dtype))
+        parts = [("base weights" + (" (unquantized parameters upcast to fp32)" if upcast else "")
+                  + f", less the input embeddings ({_gib(table)} in pinned CPU memory)", weights - table),
+                 ("the batch's embedding rows", tokens * hidden * residual)]
     else:
         parts = [("base weights" + (" (unquantized parameters upcast to fp32)" if upcast else ""), weights)]
     shard = f", 1/{n} per rank" if n > 1 else ""

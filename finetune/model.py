@@ -194,6 +194,8 @@ def place_offloaded_adapters(model) -> int:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameters, counting each 4-bit packed weight as its real element count."""
+    """(trainable, total) parameters, counting each 4-bit packed weight as its real element count, and
+    an input embedding matrix moved to host memory (speed.offload_embeddings), no longer a parameter."""
     trainable, total = model.get_nb_trainable_parameters()
-    return int(trainable), int(total)
+    host = sum(m.finetune_table.numel() for m in model.modules() if hasattr(m, "finetune_table"))
+    return int(trainable), int(total) + host

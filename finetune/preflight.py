@@ -94,6 +94,9 @@ def fsdp_problems(cfg: Config) -> list[str]:
     if s.compile:
         p.append("speed.compile=true is not supported with dist.strategy=fsdp (compiled blocks are not "
                  "tested under FSDP2's hooks); set speed.compile=false")
+    if s.offload_embeddings:
+        p.append("speed.offload_embeddings=true is not supported with dist.strategy=fsdp (FSDP2 shards the "
+                 "embedding matrix itself); set speed.offload_embeddings=false")
     if s.offload_checkpoints:
         p.append("speed.offload_checkpoints=true reruns blocks inside the backward pass, outside FSDP2's gather "
                  "hooks; with dist.strategy=fsdp use dist.cpu_offload=true for memory instead")
@@ -126,6 +129,7 @@ def model_problems(cfg: Config, source: str, *, cuda_available: bool) -> list[st
     from finetune.source import meta_model
     from finetune.speed.alibi import FUSED_ALIBI_IMPLEMENTATIONS, fused_alibi_problems
     from finetune.speed.compile import decoder_blocks
+    from finetune.speed.host_embeddings import offload_problems
     from finetune.speed.long_context import single_input_mlp
 
     model = meta_model(source, cfg.model)
@@ -149,6 +153,8 @@ def model_problems(cfg: Config, source: str, *, cuda_available: bool) -> list[st
         if wanted > blocks:
             p.append(f"speed.blocks_without_checkpointing={wanted} but the model has {blocks} checkpointed decoder "
                      f"blocks; use a number from 0 to {blocks} (or train.gradient_checkpointing=false for none)")
+    if cfg.speed.offload_embeddings:
+        p += offload_problems(model)
     if cfg.speed.mlp_chunk_size and not all(single_input_mlp(b) for b in decoder_blocks(model)):
         p.append(f"speed.mlp_chunk_size runs a block's MLP on slices of the hidden states, but the MLP of "
                  f"{config.model_type} takes more inputs (e.g. bloom's residual); set speed.mlp_chunk_size=0")

@@ -7,6 +7,7 @@ forward's dropout masks again.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from finetune.speed.compile import decoder_blocks
@@ -56,3 +57,53 @@ def test_offloaded_blocks_with_mlp_slices_replay_the_slices_dropout(tiny_llama):
     blocks = decoder_blocks(both)
     assert all(getattr(b.mlp, "finetune_chunk", None) == 5 for b in blocks)
     assert all(b._gradient_checkpointing_func.__name__ == "offloaded_checkpoint" for b in blocks)
+
+
+@pytest.mark.usefixtures("fresh_compile_cache")
+def test_compiled_blocks_offload_their_saved_inputs_and_give_the_same_loss_and_gradients(tiny_llama):
+    # Compiled blocks checkpoint inside the compiled region; offloading moves what they save for
+    # backward (the block input) through host copies. Same compiled graphs: bit for bit, with dropout.
+    fast = ("lora.dropout=0.1", "speed=fast")
+    compiled = lora_model(tiny_llama, *fast)
+    offloaded = lora_model(tiny_llama, *fast, "speed.offload_checkpoints=true")
+    blocks = decoder_blocks(offloaded)
+    batch = _batch()
+    _assert_same(compiled, offloaded, batch)
+    hidden = offloaded.config.hidden_size
+    block_input = batch["input_ids"].numel() * hidden * 2  # bf16 under autocast
+    moved = blocks[0].finetune_offload.bytes_moved
+    assert moved == len(blocks) * block_input, (moved, len(blocks), block_input)
+
+
+def test_input_embeddings_in_host_memory_give_the_same_loss_and_gradients(tiny_llama):
+    from finetune.model import count_parameters
+
+    plain = lora_model(tiny_llama, "lora.dropout=0.1")
+    hosted = lora_model(tiny_llama, "lora.dropout=0.1", "speed.offload_embeddings=true")
+    _assert_same(plain, hosted, _batch())
+    embeddings = hosted.get_input_embeddings()
+    # no longer a parameter (what asks the model for its device sees the compute device), still counted
+    assert "weight" not in dict(embeddings.named_parameters())
+    assert embeddings.finetune_table.shape == (hosted.config.vocab_size, hosted.config.hidden_size)
+    assert count_parameters(hosted) == count_parameters(plain)
+
+
+def test_offloaded_embeddings_are_refused_before_loading_for_a_tied_head(tiny_bloom):
+    from finetune.preflight import model_problems
+    from finetune.run import compose
+
+    cfg = compose([f"model.name_or_path={tiny_bloom}", "output_dir=/tmp/unused", "speed.offload_embeddings=true"])
+    problems = model_problems(cfg, str(tiny_bloom), cuda_available=False)
+    assert any("shares the input embedding matrix" in p and "speed.offload_embeddings=false" in p for p in problems)
+
+
+def test_cli_trains_and_generates_with_embeddings_in_host_memory(tiny_llama, instruction_file, tmp_path):
+    from tests.conftest import run_cli, tiny_run_args
+
+    args = tiny_run_args(tiny_llama, instruction_file, tmp_path / "out", "speed.offload_embeddings=true",
+                         "sample.prompts=[What is 2+3?]", "sample.max_new_tokens=4")
+    result = run_cli(args, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # samples generated before and after training: generation runs through the host-memory lookup
+    assert "finetune: done" in result.stdout and "  before " in result.stdout and "  after " in result.stdout, \
+        result.stdout[-3000:]

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from finetune.config import SpeedConfig
-from finetune.speed.long_context import chunk_mlps, offload_checkpoints
+from finetune.speed.host_embeddings import offload_embeddings
+from finetune.speed.long_context import chunk_mlps, offload_checkpoints, offload_saved_inputs
 from finetune.speed.recompute import checkpoint_inside, keep_matmul_outputs
 
 # Batch widths of compiled runs are padded to a multiple of this (the collator, scripts/bench.py).
@@ -33,10 +34,14 @@ def decoder_blocks(model) -> list[torch.nn.Module]:
 def apply_speed(model, speed: SpeedConfig, max_length: int) -> None:
     """Apply the speed settings to a model ready for training (LoRA attached, checkpointing on)."""
     keep_activations_of_last_blocks(model, speed.blocks_without_checkpointing)
+    if speed.offload_embeddings:
+        offload_embeddings(model)
     if speed.mlp_chunk_size:
         chunk_mlps(decoder_blocks(model), speed.mlp_chunk_size)
     if speed.offload_checkpoints:
-        offload_checkpoints(decoder_blocks(model))
+        # Compiled blocks checkpoint themselves inside the compiled region: their saved input is moved
+        # by saved-tensor hooks. Uncompiled ones run under a checkpoint that offloads its input.
+        (offload_saved_inputs if speed.compile else offload_checkpoints)(decoder_blocks(model))
     if speed.compile:
         compile_blocks(model, speed.cuda_graphs, widths=len(batch_widths(speed, False, max_length)))
 

@@ -8,14 +8,22 @@ At long context two terms dominate a checkpointed step (finetune/footprint.py co
 
 `chunk_mlps` (speed.mlp_chunk_size) runs each decoder block's MLP on slices of the sequence, each
 slice checkpointed, so the MLP's intermediates exist for one slice at a time; the MLP is per token,
-so the result is the same (LoRA dropout draws its masks per slice: the same distribution, another draw). `offload_checkpoints` (speed.offload_checkpoints) keeps each checkpointed
-block's input in pinned CPU memory instead of on the GPU between its forward and its backward.
+so the result is the same (LoRA dropout draws its masks per slice: the same distribution, another draw).
+speed.offload_checkpoints keeps each checkpointed block's input in pinned CPU memory instead of on
+the GPU between its forward and its backward:
+- uncompiled blocks (`offload_checkpoints`): the block runs under a checkpoint of our own that saves
+  its input to host memory and reruns the block in backward;
+- compiled blocks (`offload_saved_inputs`): the block checkpoints itself inside the compiled region
+  (finetune/speed/recompute.py) and saves its input for backward like any autograd function; saved-
+  tensor hooks move that input to host memory on a side stream while the next blocks compute, and
+  bring it back one block ahead of the backward pass.
 """
 
 from __future__ import annotations
 
 import inspect
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -117,3 +125,109 @@ def offload_checkpoints(blocks: list[torch.nn.Module]) -> int:
             block._gradient_checkpointing_func = offloaded_checkpoint
             count += 1
     return count
+
+
+class _HostCopy:
+    """One saved tensor in host memory, and its way back to the device."""
+
+    def __init__(self, tensor: torch.Tensor, stream):
+        self.device, self.stream, self.on_device, self.ready = tensor.device, stream, None, None
+        if stream is None:  # a CPU model: a copy all the same, so that the path is the one a GPU takes
+            self.host = tensor.detach().clone()
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(stream):
+            self.host.copy_(tensor.detach(), non_blocking=True)
+        # The block's memory is not reused before the copy has read it.
+        tensor.record_stream(stream)
+
+    def fetch(self) -> None:
+        """Start the copy back to the device on the side stream (a prefetch, or the fetch itself)."""
+        if self.on_device is not None or self.stream is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self.on_device = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        self.stream.wait_stream(compute)  # the new tensor's memory may be in use by queued kernels
+        with torch.cuda.stream(self.stream):
+            self.on_device.copy_(self.host, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(self.stream)
+        self.on_device.record_stream(self.stream)
+
+    def take(self) -> torch.Tensor:
+        if self.stream is None:
+            return self.host
+        self.fetch()
+        torch.cuda.current_stream(self.device).wait_event(self.ready)
+        return self.on_device
+
+
+class SavedInputOffload:
+    """Saved-tensor hooks for the compiled checkpointed blocks: tensors as large as the block's input
+    (the input itself; the rest of what a checkpointed block saves is smaller) go to pinned host memory.
+
+    The copies run on a side stream, so the forward pass does not wait for them. Backward unpacks the
+    blocks in reverse order; unpacking one block's input starts copying back the block before it, so
+    the next block's input is on the GPU when its backward starts.
+    """
+
+    def __init__(self):
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.copies: list[weakref.ref] = []  # this step's copies in forward order, for the prefetch
+        self.min_numel = 0
+        self.bytes_moved = 0  # host memory written so far: what the GPU did not hold
+
+    def pack(self, tensor: torch.Tensor):
+        if isinstance(tensor, torch.nn.Parameter) or tensor.numel() < self.min_numel or tensor.dtype == torch.uint8:
+            return tensor
+        stream = None
+        if tensor.is_cuda:
+            stream = self.streams.get(tensor.device) or self.streams.setdefault(
+                tensor.device, torch.cuda.Stream(tensor.device))
+        copy = _HostCopy(tensor, stream)
+        self.bytes_moved += tensor.numel() * tensor.element_size()
+        self.copies = [ref for ref in self.copies if ref() is not None]  # earlier steps' are gone with their graphs
+        self.copies.append(weakref.ref(copy))
+        return copy
+
+    def unpack(self, packed):
+        if not isinstance(packed, _HostCopy):
+            return packed
+        tensor = packed.take()
+        live = [ref() for ref in self.copies]
+        earlier = [c for c in live[:live.index(packed)] if c is not None and c.on_device is None] \
+            if packed in live else []
+        if earlier:
+            earlier[-1].fetch()
+        return tensor
+
+
+def offload_saved_inputs(blocks: list[torch.nn.Module]) -> SavedInputOffload:
+    """Offload what each checkpointed block saves for backward (compiled blocks); the blocks' offload.
+
+    Call before compile_blocks, which takes the blocks' checkpointing over. The hooks are entered and
+    left around each block's call, outside the compiled region (compiler-disabled module hooks).
+    """
+    offload = SavedInputOffload()
+    for block in blocks:
+        if not getattr(block, "gradient_checkpointing", False):
+            continue
+        hooks = torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack)
+
+        def enter(module, args, kwargs, hooks=hooks):
+            if module.training and torch.is_grad_enabled():
+                hidden = args[0] if args else kwargs["hidden_states"]
+                offload.min_numel = hidden.numel()
+                hooks.__enter__()
+                module.finetune_offloading = True
+
+        def leave(module, args, kwargs, output, hooks=hooks):
+            if getattr(module, "finetune_offloading", False):
+                module.finetune_offloading = False
+                hooks.__exit__(None, None, None)
+
+        block.register_forward_pre_hook(torch.compiler.disable(enter), with_kwargs=True)
+        block.register_forward_hook(torch.compiler.disable(leave), with_kwargs=True, always_call=True)
+        block.finetune_offload = offload
+    return offload
