@@ -16,7 +16,6 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 
 
 def offload_problems(model) -> list[str]:
