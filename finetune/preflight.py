@@ -154,7 +154,7 @@ def model_problems(cfg: Config, source: str, *, cuda_available: bool) -> list[st
             p.append(f"speed.blocks_without_checkpointing={wanted} but the model has {blocks} checkpointed decoder "
                      f"blocks; use a number from 0 to {blocks} (or train.gradient_checkpointing=false for none)")
     if cfg.speed.offload_embeddings:
-        p += offload_problems(model)
+        p += offload_problems(model, [*cfg.lora.target_modules, *cfg.lora.modules_to_save])
     if cfg.speed.mlp_chunk_size and not all(single_input_mlp(b) for b in decoder_blocks(model)):
         p.append(f"speed.mlp_chunk_size runs a block's MLP on slices of the hidden states, but the MLP of "
                  f"{config.model_type} takes more inputs (e.g. bloom's residual); set speed.mlp_chunk_size=0")

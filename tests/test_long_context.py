@@ -97,6 +97,16 @@ def test_offloaded_embeddings_are_refused_before_loading_for_a_tied_head(tiny_bl
     assert any("shares the input embedding matrix" in p and "speed.offload_embeddings=false" in p for p in problems)
 
 
+def test_offloaded_embeddings_are_refused_before_loading_when_lora_trains_them(tiny_llama):
+    from finetune.preflight import model_problems
+    from finetune.run import compose
+
+    cfg = compose([f"model.name_or_path={tiny_llama}", "output_dir=/tmp/unused", "speed.offload_embeddings=true",
+                   "lora.modules_to_save=[embed_tokens]"])
+    problems = model_problems(cfg, str(tiny_llama), cuda_available=False)
+    assert any("(model.embed_tokens) frozen in host memory" in p and "lora.modules_to_save" in p for p in problems)
+
+
 def test_cli_trains_and_generates_with_embeddings_in_host_memory(tiny_llama, instruction_file, tmp_path):
     from tests.conftest import run_cli, tiny_run_args
 

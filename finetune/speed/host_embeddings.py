@@ -18,9 +18,15 @@ import types
 import torch
 
 
-def offload_problems(model) -> list[str]:
-    """Why the model's input embeddings cannot move to host memory (empty: they can)."""
+def offload_problems(model, trained: list[str] = ()) -> list[str]:
+    """Why the model's input embeddings cannot move to host memory (empty: they can). `trained`: the
+    module names LoRA adapts or trains whole (lora.target_modules + lora.modules_to_save)."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is emb), "")
+    if name and any(t == name or t == name.rsplit(".", 1)[-1] for t in trained):
+        return [f"speed.offload_embeddings keeps the input embeddings ({name}) frozen in host memory, but the LoRA "
+                "settings train them (lora.target_modules or lora.modules_to_save): remove them there or set "
+                "speed.offload_embeddings=false"]
     if type(emb) is not torch.nn.Embedding:
         # Subclasses (e.g. gemma's scaled embeddings) compute more than the lookup this replaces.
         return [f"speed.offload_embeddings gathers rows of a plain torch.nn.Embedding; this model's input embeddings "
