@@ -637,7 +637,7 @@ def main() -> None:
             if args.max_seq else []
         peer_env = peer_environment(args.peer_site, args.peer_env) if worker in PEER_SIDES else None
         proc, per_set = run_side(side, cmd, peer_env, len(args.max_seq or [1]))
-        if args.profile and side == "ours":
+        if args.profile and worker == "ours":
             print(proc.stderr[proc.stderr.find("Name"):][-9000:] if "Name" in proc.stderr else "", flush=True)
         if not per_set:
             continue
