@@ -73,6 +73,9 @@ def test_compiled_blocks_offload_their_saved_inputs_and_give_the_same_loss_and_g
     block_input = batch["input_ids"].numel() * hidden * 2  # bf16 under autocast
     moved = blocks[0].finetune_offload.bytes_moved
     assert moved == len(blocks) * block_input, (moved, len(blocks), block_input)
+    # the hooks run outside the compiled region without breaking its graph
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
 def test_input_embeddings_in_host_memory_give_the_same_loss_and_gradients(tiny_llama):
