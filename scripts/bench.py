@@ -233,7 +233,7 @@ def unsloth_model(model_dir: str, seq: int):
 
 
 def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batch: int, seq: int,
-                   diagnose: bool = False) -> None:
+                   diagnose: bool = False, unsloth_trainer_checkpointing: bool = False) -> None:
     """A side trained by transformers' Trainer with the HF recipe's arguments: hf, liger or unsloth."""
     if side == "unsloth":
         model = unsloth_model(model_dir, seq)
@@ -243,7 +243,8 @@ def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batc
         model = hf_peft_model(model_dir)
     # unsloth's model checkpoints its blocks itself (get_peft_model's use_gradient_checkpointing), as in
     # its own recipes; the Trainer's checkpointing would wrap transformers' checkpoint around the blocks
-    trainer_checkpointing = side != "unsloth"
+    # (--unsloth-trainer-checkpointing does that anyway, to test whether it made an earlier try's losses NaN)
+    trainer_checkpointing = side != "unsloth" or unsloth_trainer_checkpointing
     train_each(batch_sets, lambda batches: train_with_trainer(model, batches, batch, trainer_checkpointing, diagnose))
 
 
@@ -501,7 +502,8 @@ def run_worker(args) -> None:
         worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.seq, args.profile)
     else:
         longest = max(args.max_seq or [args.seq])  # unsloth sizes its RoPE cache for max_seq_length
-        worker_trainer(args.worker, args.model_dir, batch_sets, args.batch, longest, args.diagnose)
+        worker_trainer(args.worker, args.model_dir, batch_sets, args.batch, longest, args.diagnose,
+                       args.unsloth_trainer_checkpointing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,6 +581,8 @@ def main() -> None:
                         "PYTHONPATH for the peer sides only (default: $FINETUNE_PEER_SITE or /tmp/peers)")
     p.add_argument("--peer-env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment setting for the peer sides' workers (e.g. UNSLOTH_DISABLE_DOUBLE_BUFFER=1)")
+    p.add_argument("--unsloth-trainer-checkpointing", action="store_true",
+                   help="turn the Trainer's gradient checkpointing on for unsloth as well, around its own")
     p.add_argument("--diagnose", action="store_true",
                    help="when a peer side's losses are not all finite, run it again with probes that print "
                         "where the first non-finite value appears (DIAG lines)")
@@ -632,6 +636,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", worker, "--model-dir", str(model_dir), "--rows", str(rows_file),
                "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
         cmd += [f"--override={o}" for o in overrides] + (["--profile"] if args.profile else [])
+        cmd += ["--unsloth-trainer-checkpointing"] if args.unsloth_trainer_checkpointing else []
         cmd += [f"--gpu-memory-gib={args.gpu_memory_gib}"] if args.gpu_memory_gib else []
         cmd += [f"--max-seq={','.join(map(str, args.max_seq))}", f"--max-seq-steps={args.max_seq_steps}"] \
             if args.max_seq else []
