@@ -117,6 +117,7 @@ def test_cli_trains_and_generates_with_embeddings_in_host_memory(tiny_llama, ins
                          "sample.prompts=[What is 2+3?]", "sample.max_new_tokens=4")
     result = run_cli(args, tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "in pinned host memory: input embeddings" in result.stdout, result.stdout[:3000]
     # samples generated before and after training: generation runs through the host-memory lookup
     assert "finetune: done" in result.stdout and "  before " in result.stdout and "  after " in result.stdout, \
         result.stdout[-3000:]
