@@ -418,7 +418,7 @@ class SpeedConfig:
     the copies overlap the compute."""
     offload_embeddings: bool = False
     """Keep the frozen input embedding matrix in pinned CPU memory and send each batch's rows to the GPU
-    (finetune/speed/host_embeddings.py): vocab x hidden x 2 B less GPU memory. Not for tied output heads."""
+    (finetune/speed/host_embeddings.py): vocab x hidden x 2 B (bf16) less GPU memory. Not for tied output heads."""
 
     def problems(self) -> list[str]:
         p = []
@@ -437,8 +437,8 @@ class SpeedConfig:
                      "(at long context attention dominates the step, which compiling does not speed up)")
         if self.cuda_graphs and self.offload_checkpoints:
             # A graph's saved tensors live in the graph's own memory pool: moving them frees nothing.
-            p.append("speed.offload_checkpoints=true frees GPU memory that CUDA graphs keep in their own pool; "
-                     "set speed.cuda_graphs=false")
+            p.append("speed.offload_checkpoints=true would free nothing with speed.cuda_graphs=true (the graphs keep "
+                     "saved tensors in their own memory pool); set speed.cuda_graphs=false")
         return p
 
 

@@ -24,8 +24,7 @@ The training peak is the sum of
 
     base weights    the footprint above, with every unquantized parameter upcast to fp32 by
                     peft's prepare_model_for_kbit_training (quantized modes, speed.fp32_frozen);
-                    with speed.offload_embeddings less the input embeddings (vocab x hidden),
-                    plus the batch's rows of them
+                    with speed.offload_embeddings less the input embeddings (vocab x hidden)
     LoRA            trainable parameters x (4 B weight + 4 B gradient + optimizer state: 8 B for
                     AdamW and paged 32-bit AdamW, 2 B for the 8-bit variants)
     checkpoints     with gradient checkpointing, each layer's input is kept:
@@ -273,9 +272,9 @@ def estimate_training_peak(cfg: Config, source: str, footprint: Optional[Footpri
         ]
     elif getattr(speed, "offload_embeddings", False):
         table = vocab * hidden * (4 if upcast else _dtype_bytes(q.compute_dtype))
+        # The batch's rows sent to the GPU are the first block's input: the checkpoint term counts them.
         parts = [("base weights" + (" (unquantized parameters upcast to fp32)" if upcast else "")
-                  + f", less the input embeddings ({_gib(table)} in pinned CPU memory)", weights - table),
-                 ("the batch's embedding rows", tokens * hidden * residual)]
+                  + f", less the input embeddings ({_gib(table)} in pinned CPU memory)", weights - table)]
     else:
         parts = [("base weights" + (" (unquantized parameters upcast to fp32)" if upcast else ""), weights)]
     shard = f", 1/{n} per rank" if n > 1 else ""

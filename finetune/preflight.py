@@ -59,6 +59,9 @@ def config_problems(cfg: Config, *, cuda_available: bool, bf16_supported: bool) 
         p.append(f"speed.cuda_graphs=true cannot accumulate gradients (train.grad_accum={t.grad_accum}): the next "
                  "micro-batch's graph replay overwrites them; set train.grad_accum=1 (and a larger "
                  "train.batch_size) or speed.cuda_graphs=false")
+    if s.offload_embeddings and (cfg.quant.device_map or cfg.quant.max_memory):
+        p.append("speed.offload_embeddings=true moves the input embeddings to CPU memory itself; quant.device_map and "
+                 "quant.max_memory place modules through accelerate: use one or the other")
     if s.offload_checkpoints and not t.gradient_checkpointing:
         p.append("speed.offload_checkpoints=true offloads the inputs of checkpointed blocks, but "
                  "train.gradient_checkpointing=false checkpoints none; turn checkpointing on or remove it")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from finetune.config import Config, SpeedConfig
+from finetune.config import Config
 from finetune.quant import describe
 
 
@@ -17,12 +17,16 @@ def _rule(title: str) -> str:
     return f"\n{'=' * 20} {title} {'=' * max(4, 58 - len(title))}"
 
 
-def describe_speed(s: SpeedConfig, checkpointing: bool) -> str:
+def describe_speed(cfg: Config) -> str:
     """The speed settings in effect, in words, for the start summary."""
+    s, checkpointing = cfg.speed, cfg.train.gradient_checkpointing
     parts = ["compiled blocks" + (" replayed as CUDA graphs" if s.cuda_graphs else "") if s.compile else "eager blocks"]
     if checkpointing and s.blocks_without_checkpointing:
         parts.append(f"the last {s.blocks_without_checkpointing} blocks without checkpointing")
-    parts.append(f"loss in chunks of {s.loss_chunk_size} tokens" if s.loss_chunk_size else "full logits")
+    # as finetune/footprint.py counts it: lora.modules_to_save may train the head whole, and a trainable
+    # head takes the full logits (finetune/loss.py)
+    chunked = s.loss_chunk_size and not cfg.lora.modules_to_save
+    parts.append(f"loss in chunks of {s.loss_chunk_size} tokens" if chunked else "full logits")
     if s.mlp_chunk_size:
         parts.append(f"MLPs in slices of {s.mlp_chunk_size} tokens")
     if not s.fp32_frozen:
@@ -30,7 +34,7 @@ def describe_speed(s: SpeedConfig, checkpointing: bool) -> str:
     host = (["checkpointed block inputs"] if s.offload_checkpoints and checkpointing else []) + \
         (["input embeddings"] if s.offload_embeddings else [])
     if host:
-        parts.append("in pinned host memory: " + " and ".join(host))
+        parts.append("kept in CPU memory: " + " and ".join(host))
     return ", ".join(parts)
 
 
@@ -55,7 +59,7 @@ def print_start(
         f"{t.grad_accum} x {world_size} rank(s)), lr {t.lr:g} {t.lr_scheduler}, optimizer {t.optimizer}",
         f"device       {device}, mixed precision {mixed_precision}, "
         f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
-        f"speed        {describe_speed(cfg.speed, t.gradient_checkpointing)}",
+        f"speed        {describe_speed(cfg)}",
         f"output       {run_dir}",
         "=" * 80,
     ]

@@ -27,10 +27,12 @@ def offload_problems(model, trained: list[str] = ()) -> list[str]:
         return [f"speed.offload_embeddings keeps the input embeddings ({name}) frozen in host memory, but the LoRA "
                 "settings train them (lora.target_modules or lora.modules_to_save): remove them there or set "
                 "speed.offload_embeddings=false"]
-    if type(emb) is not torch.nn.Embedding:
-        # Subclasses (e.g. gemma's scaled embeddings) compute more than the lookup this replaces.
+    if type(emb) is not torch.nn.Embedding or emb.max_norm is not None:
+        # Subclasses (e.g. gemma's scaled embeddings) and max_norm (rows renormalised on lookup) compute
+        # more than the plain gather this replaces.
+        what = type(emb).__name__ if type(emb) is not torch.nn.Embedding else "torch.nn.Embedding with max_norm"
         return [f"speed.offload_embeddings gathers rows of a plain torch.nn.Embedding; this model's input embeddings "
-                f"are a {type(emb).__name__}: set speed.offload_embeddings=false"]
+                f"are a {what}: set speed.offload_embeddings=false"]
     if head is not None and head.weight is emb.weight:
         return ["speed.offload_embeddings: this model's output head shares the input embedding matrix "
                 "(tie_word_embeddings), which every step reads whole on the GPU: set speed.offload_embeddings=false"]
@@ -43,6 +45,9 @@ def offload_embeddings(model) -> int:
     if problems:
         raise ValueError(problems[0])
     emb = model.get_input_embeddings()
+    if emb.weight.is_meta or hasattr(emb, "_hf_hook"):
+        raise ValueError("speed.offload_embeddings moves the input embeddings itself, but accelerate placed them "
+                         "(quant.device_map or quant.max_memory): remove those or set speed.offload_embeddings=false")
     if emb.weight.requires_grad:
         raise ValueError("speed.offload_embeddings keeps the input embeddings frozen in host memory, but they are "
                          "trained (lora.target_modules or lora.modules_to_save name them): remove them there or set "

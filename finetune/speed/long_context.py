@@ -164,8 +164,9 @@ class _HostCopy:
 
 
 class SavedInputOffload:
-    """Saved-tensor hooks for the compiled checkpointed blocks: tensors as large as the block's input
-    (the input itself; the rest of what a checkpointed block saves is smaller) go to pinned host memory.
+    """Saved-tensor hooks for the compiled checkpointed blocks: the block's input, the one large tensor
+    such a block saves, goes to pinned host memory. Recognised by its storage: what else the block
+    saves (an attention mask shared by every block, rotary tables) stays where it is.
 
     The copies run on a side stream, so the forward pass does not wait for them. Backward unpacks the
     blocks in reverse order; unpacking one block's input starts copying back the block before it, so
@@ -175,11 +176,12 @@ class SavedInputOffload:
     def __init__(self):
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.copies: list[weakref.ref] = []  # this step's copies in forward order, for the prefetch
-        self.min_numel = 0
+        self.block_input = 0  # storage address of the running block's input
         self.bytes_moved = 0  # host memory written so far: what the GPU did not hold
 
     def pack(self, tensor: torch.Tensor):
-        if isinstance(tensor, torch.nn.Parameter) or tensor.numel() < self.min_numel or tensor.dtype == torch.uint8:
+        # Contiguous only: the copy back must have the strides the compiled backward expects.
+        if tensor.untyped_storage().data_ptr() != self.block_input or not tensor.is_contiguous():
             return tensor
         stream = None
         if tensor.is_cuda:
@@ -218,7 +220,7 @@ def offload_saved_inputs(blocks: list[torch.nn.Module]) -> SavedInputOffload:
         def enter(module, args, kwargs, hooks=hooks):
             if module.training and torch.is_grad_enabled():
                 hidden = args[0] if args else kwargs["hidden_states"]
-                offload.min_numel = hidden.numel()
+                offload.block_input = hidden.untyped_storage().data_ptr()
                 hooks.__enter__()
                 module.finetune_offloading = True
 
