@@ -126,3 +126,12 @@ def test_cli_trains_and_generates_with_embeddings_in_host_memory(tiny_llama, ins
     # samples generated before and after training: generation runs through the host-memory lookup
     assert "finetune: done" in result.stdout and "  before " in result.stdout and "  after " in result.stdout, \
         result.stdout[-3000:]
+
+
+def test_offloaded_embeddings_are_refused_with_an_accelerate_placement():
+    from finetune.preflight import config_problems
+    from finetune.run import compose
+
+    cfg = compose(["output_dir=/tmp/unused", "speed.offload_embeddings=true", "+quant.max_memory={0:10GiB,cpu:30GiB}"])
+    problems = config_problems(cfg, cuda_available=True, bf16_supported=True)
+    assert any("speed.offload_embeddings=true moves the input embeddings" in p for p in problems), problems
