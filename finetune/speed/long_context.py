@@ -130,8 +130,11 @@ def offload_checkpoints(blocks: list[torch.nn.Module]) -> int:
 class _HostCopy:
     """One saved tensor in host memory, and its way back to the device."""
 
-    def __init__(self, tensor: torch.Tensor, stream):
+    def __init__(self, tensor: torch.Tensor, stream, previous: _HostCopy | None):
         self.device, self.stream, self.on_device, self.ready = tensor.device, stream, None, None
+        # The copy saved just before this one (the block before, in forward order), to prefetch in backward;
+        # weak, so that a step's copies still go with its graph.
+        self.previous = weakref.ref(previous) if previous is not None else lambda: None
         if stream is None:  # a CPU model: a copy all the same, so that the path is the one a GPU takes
             self.host = tensor.detach().clone()
             return
@@ -175,7 +178,7 @@ class SavedInputOffload:
 
     def __init__(self):
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.copies: list[weakref.ref] = []  # this step's copies in forward order, for the prefetch
+        self.last: weakref.ref = lambda: None  # the latest copy, which the next one links back to
         self.block_input = 0  # storage address of the running block's input
         self.bytes_moved = 0  # host memory written so far: what the GPU did not hold
 
@@ -183,25 +186,20 @@ class SavedInputOffload:
         # Contiguous only: the copy back must have the strides the compiled backward expects.
         if tensor.untyped_storage().data_ptr() != self.block_input or not tensor.is_contiguous():
             return tensor
-        stream = None
-        if tensor.is_cuda:
-            stream = self.streams.get(tensor.device) or self.streams.setdefault(
-                tensor.device, torch.cuda.Stream(tensor.device))
-        copy = _HostCopy(tensor, stream)
+        if tensor.is_cuda and tensor.device not in self.streams:
+            self.streams[tensor.device] = torch.cuda.Stream(tensor.device)
+        copy = _HostCopy(tensor, self.streams.get(tensor.device), self.last())
         self.bytes_moved += tensor.numel() * tensor.element_size()
-        self.copies = [ref for ref in self.copies if ref() is not None]  # earlier steps' are gone with their graphs
-        self.copies.append(weakref.ref(copy))
+        self.last = weakref.ref(copy)
         return copy
 
     def unpack(self, packed):
         if not isinstance(packed, _HostCopy):
             return packed
         tensor = packed.take()
-        live = [ref() for ref in self.copies]
-        earlier = [c for c in live[:live.index(packed)] if c is not None and c.on_device is None] \
-            if packed in live else []
-        if earlier:
-            earlier[-1].fetch()
+        previous = packed.previous()
+        if previous is not None:
+            previous.fetch()  # a no-op when it is already on its way
         return tensor
 
 
