@@ -419,10 +419,6 @@ class SpeedConfig:
     offload_embeddings: bool = False
     """Keep the frozen input embedding matrix in pinned CPU memory and send each batch's rows to the GPU
     (finetune/speed/host_embeddings.py): vocab x hidden x 2 B (bf16) less GPU memory. Not for tied output heads."""
-    hash_dropout: bool = False
-    """With speed.compile: LoRA dropout draws its keep mask from a hash of a per-call seed and each element's
-    position instead of one Philox counter per element (finetune/speed/dropout.py): the same dropout
-    distribution, far less integer work in compiled kernels, and backward recomputes the mask instead of keeping it."""
 
     def problems(self) -> list[str]:
         p = []
@@ -439,9 +435,6 @@ class SpeedConfig:
         if self.compile and self.mlp_chunk_size:
             p.append("speed.mlp_chunk_size runs uncompiled blocks; set speed.compile=false "
                      "(at long context attention dominates the step, which compiling does not speed up)")
-        if self.hash_dropout and not self.compile:
-            # Uncompiled, the hash is a dozen separate elementwise passes: slower than nn.Dropout's one kernel.
-            p.append("speed.hash_dropout=true pays off inside compiled blocks only; set speed.compile=true as well")
         if self.cuda_graphs and self.offload_checkpoints:
             # A graph's saved tensors live in the graph's own memory pool: moving them frees nothing.
             p.append("speed.offload_checkpoints=true would free nothing with speed.cuda_graphs=true (the graphs keep "

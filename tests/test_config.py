@@ -70,8 +70,7 @@ def test_every_section_has_its_own_problems_method():
                                                          "speed.loss_chunk_size must be >= 0"]),
     (SpeedConfig(compile=True, cuda_graphs=True, offload_checkpoints=True, mlp_chunk_size=8),
      ["speed.offload_checkpoints=true would free nothing", "speed.mlp_chunk_size runs uncompiled"]),
-    (SpeedConfig(compile=True, offload_checkpoints=True, offload_embeddings=True, hash_dropout=True), []),
-    (SpeedConfig(hash_dropout=True), ["speed.hash_dropout=true pays off inside compiled blocks only"]),
+    (SpeedConfig(compile=True, offload_checkpoints=True, offload_embeddings=True), []),
     (ModelConfig(architecture={"n_layer": 2}), ["model.architecture needs a model_type"]),
 ])
 def test_a_section_reports_every_problem_of_its_own_fields(section, expected):

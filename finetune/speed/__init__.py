@@ -1,5 +1,4 @@
-"""Optional speed machinery: none of it changes what a step computes (hash_dropout: the same dropout
-distribution, other draws), only how fast or in how much memory.
+"""Optional speed machinery: none of it changes what a step computes, only how fast or in how much memory.
 
     compile.py    torch.compile of each decoder block, per batch width; which blocks keep their
                   activations (speed.blocks_without_checkpointing); CUDA graphs (speed.cuda_graphs)
@@ -7,11 +6,9 @@ distribution, other draws), only how fast or in how much memory.
     alibi.py      BLOOM's ALiBi attention through fused SDPA / FlexAttention kernels
     long_context.py  the MLP run in slices of the sequence (speed.mlp_chunk_size) and checkpointed
                   block inputs kept in CPU memory (speed.offload_checkpoints)
-    host_embeddings.py  the frozen input embeddings in pinned CPU memory (speed.offload_embeddings)
-    dropout.py    LoRA dropout masks from a hash of seed and position (speed.hash_dropout)
 
 Each is tested on the CPU against the plain path (tests/test_loss.py, test_recompute.py,
-test_attention.py, test_long_context.py, test_dropout.py). `apply_speed` is the one call the model builder makes.
+test_attention.py, test_long_context.py). `apply_speed` is the one call the model builder makes.
 """
 
 from finetune.speed.compile import apply_speed, batch_widths
