@@ -261,6 +261,10 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     optimizer = build_optimizer(params, t)
     scheduler = build_scheduler(optimizer, t)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Collected again: FSDP2 replaces every parameter with its sharded version as it shards the model (the
+    # optimizer is switched over by accelerate). The old objects get no gradients, so clipping and the
+    # non-finite check would see a gradient norm of 0.
+    params = [p for p in model.parameters() if p.requires_grad]
     # Resuming: adapter weights, optimizer, scheduler, scaler, data position and counters as saved.
     parts = dict(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, sampler=train_batches)
     state = load_checkpoint(resume_from, **parts) if resume_from else TrainState()

@@ -77,10 +77,6 @@ def fsdp_problems(cfg: Config) -> list[str]:
         return []
     q, s = cfg.quant, cfg.speed
     p = []
-    if cfg.train.objective != "sft":
-        # The reference pass switches adapters (or turns them off) on the sharded model: not yet tested.
-        p.append(f"train.objective={cfg.train.objective} is not supported with dist.strategy=fsdp yet; "
-                 "use dist=ddp (the base then fits each GPU) or train.objective=sft")
     if q.mode == "int8":
         p.append("dist.strategy=fsdp cannot shard LLM.int8 weights (quant.mode=int8: int8 tensors with their scales "
                  "outside the parameter); use quant.mode=nf4 quant.quant_storage=bfloat16, or dist=ddp")

@@ -364,10 +364,3 @@ def test_an_unwritable_output_dir_is_named_with_the_reason(code, words, tmp_path
     # probe's OSError is what such a filesystem raises, so the message for each reason is checked.
     message = _write_problem(tmp_path / "run", tmp_path, OSError(code, os.strerror(code)))
     assert message.startswith(f"output_dir={tmp_path / 'run'} (its parent {tmp_path}) {words}")
-
-
-def test_preference_objectives_are_refused_under_fsdp_before_loading():
-    cfg = compose(["output_dir=/tmp/unused", "dist=fsdp", "quant.quant_storage=bfloat16", "train.objective=dpo",
-                   "data.format=preference"])
-    problems = config_problems(cfg, cuda_available=False, bf16_supported=False)
-    assert any("train.objective=dpo is not supported with dist.strategy=fsdp yet" in p for p in problems), problems

@@ -89,3 +89,26 @@ def test_changing_the_objective_of_a_run_is_refused_on_resume(dpo_run, tiny_llam
                               "train.max_steps=6"), cache_dir)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "the training objective changed (train.dpo_beta: 0.5 -> 0.1)" in result.stderr
+
+
+def test_dpo_under_fsdp_on_two_ranks_matches_one_process(tiny_llama, pairs_file, sft_run, cache_dir, tmp_path):
+    """DPO from an SFT adapter with FSDP2 on 2 gloo ranks: the reference pass (the frozen copy of the SFT
+    adapter, switched in on the sharded model) and the policy's pass give the loss curve of one process
+    with the same global batch, and the adapter saved is the standard one. Gradients are clipped
+    (train.max_grad_norm=1): this test failed while the clipping read the parameters from before sharding."""
+    from tests.test_distributed import FSDP, torchrun
+
+    fsdp_out, one_out = tmp_path / "fsdp", tmp_path / "one"
+    ranks = torchrun(dpo_args(tiny_llama, pairs_file, sft_run, fsdp_out, *FSDP, "train.batch_size=2"), cache_dir)
+    assert ranks.returncode == 0, ranks.stdout[-3000:] + ranks.stderr[-5000:]
+    assert "FSDP2" in ranks.stdout
+    one = run_cli(dpo_args(tiny_llama, pairs_file, sft_run, one_out, "quant.quant_storage=bfloat16",
+                           "train.batch_size=4"), cache_dir)
+    assert one.returncode == 0, one.stderr[-3000:]
+    fsdp_losses, one_losses = ([loss for _, loss in json.loads((d / "summary.json").read_text())["losses"]]
+                               for d in (fsdp_out, one_out))
+    assert fsdp_losses[0] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its reference
+    assert fsdp_losses == pytest.approx(one_losses, rel=5e-3)
+    assert fsdp_losses[-1] < fsdp_losses[0] - 0.05, fsdp_losses
+    trained = load_file(str(fsdp_out / "adapter" / "adapter_model.safetensors"))
+    assert trained.keys() == load_file(str(sft_run / "adapter" / "adapter_model.safetensors")).keys()
