@@ -139,6 +139,19 @@ def _hidden_through_root(model, decoder, inputs: dict[str, torch.Tensor]) -> tor
     return captured["hidden"]
 
 
+def hidden_and_frozen_head(model, inputs: dict[str, torch.Tensor]):
+    """(the decoder's output for `inputs`, the frozen output head) for the chunked head paths, or None
+    where the model has another shape or a trainable head. A model wrapped for several processes runs
+    its own forward (_hidden_through_root), so DDP reduces the gradients and FSDP gathers the head."""
+    wrapped = _is_wrapped(model)
+    parts = _decoder_and_head(getattr(model, "module", model) if wrapped else model)
+    if parts is None:
+        return None
+    decoder, head = parts
+    hidden = _hidden_through_root(model, decoder, inputs) if wrapped else decoder(**inputs).last_hidden_state
+    return hidden, head
+
+
 def supports_chunked_loss(model) -> bool:
     return _decoder_and_head(model) is not None
 
@@ -161,16 +174,13 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk_size: int = 
     """
     inputs = model_inputs(batch)
     labels = batch["labels"][:, 1:]
-    wrapped = _is_wrapped(model)
-    parts = _decoder_and_head(getattr(model, "module", model) if wrapped else model) if chunk_size > 0 else None
+    parts = hidden_and_frozen_head(model, inputs) if chunk_size > 0 else None
     if parts is None:
         logits = model(**inputs).logits[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
-    decoder, head = parts
-    hidden = (_hidden_through_root(model, decoder, inputs) if wrapped
-              else decoder(**inputs).last_hidden_state)[:, :-1]
-    flat_hidden = hidden.reshape(-1, hidden.size(-1))
+    hidden, head = parts
+    flat_hidden = hidden[:, :-1].reshape(-1, hidden.size(-1))
     return _FrozenHeadCrossEntropy.apply(flat_hidden, head.weight, head.bias, labels.reshape(-1), chunk_size, compiled)
 
 

@@ -33,11 +33,9 @@ from finetune.loss import (
     IGNORE_INDEX,
     _chunk_log_probs,
     _compute_dtype,
-    _decoder_and_head,
-    _hidden_through_root,
-    _is_wrapped,
     causal_lm_loss_sum,
     count_targets,
+    hidden_and_frozen_head,
     model_inputs,
 )
 
@@ -105,14 +103,10 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 0) -
     """
     labels = batch["labels"][:, 1:]
     valid = labels != IGNORE_INDEX
-    # As causal_lm_loss_sum: a model wrapped for several processes (FSDP2's root) runs its own forward,
-    # which gathers the shards and keeps the output head gathered for the chunked head below.
-    wrapped = _is_wrapped(model)
-    parts = _decoder_and_head(getattr(model, "module", model) if wrapped else model) if chunk_size > 0 else None
+    parts = hidden_and_frozen_head(model, model_inputs(batch)) if chunk_size > 0 else None
     if parts is not None:
-        decoder, head = parts
-        hidden = (_hidden_through_root(model, decoder, model_inputs(batch)) if wrapped
-                  else decoder(**model_inputs(batch)).last_hidden_state)[:, :-1]
+        hidden, head = parts
+        hidden = hidden[:, :-1]
         per_token = _FrozenHeadTokenLogProbs.apply(
             hidden.reshape(-1, hidden.size(-1)), head.weight, head.bias, labels.reshape(-1), chunk_size
         ).view(labels.shape)

@@ -96,7 +96,7 @@ def test_dpo_under_fsdp_on_two_ranks_matches_one_process(tiny_llama, pairs_file,
     adapter, switched in on the sharded model) and the policy's pass give the loss curve of one process
     with the same global batch, and the adapter saved is the standard one. Gradients are clipped
     (train.max_grad_norm=1): this test failed while the clipping read the parameters from before sharding."""
-    from tests.test_distributed import FSDP, torchrun
+    from tests.test_distributed import FSDP, _losses, torchrun
 
     fsdp_out, one_out = tmp_path / "fsdp", tmp_path / "one"
     ranks = torchrun(dpo_args(tiny_llama, pairs_file, sft_run, fsdp_out, *FSDP, "train.batch_size=2"), cache_dir)
@@ -105,8 +105,7 @@ def test_dpo_under_fsdp_on_two_ranks_matches_one_process(tiny_llama, pairs_file,
     one = run_cli(dpo_args(tiny_llama, pairs_file, sft_run, one_out, "quant.quant_storage=bfloat16",
                            "train.batch_size=4"), cache_dir)
     assert one.returncode == 0, one.stderr[-3000:]
-    fsdp_losses, one_losses = ([loss for _, loss in json.loads((d / "summary.json").read_text())["losses"]]
-                               for d in (fsdp_out, one_out))
+    fsdp_losses, one_losses = _losses(fsdp_out), _losses(one_out)
     assert fsdp_losses[0] == pytest.approx(0.6931, abs=1e-3)  # the policy starts as its reference
     assert fsdp_losses == pytest.approx(one_losses, rel=5e-3)
     assert fsdp_losses[-1] < fsdp_losses[0] - 0.05, fsdp_losses
