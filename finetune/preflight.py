@@ -53,6 +53,10 @@ def config_problems(cfg: Config, *, cuda_available: bool, bf16_supported: bool) 
     if s.blocks_without_checkpointing > 0 and not t.gradient_checkpointing:
         p.append(f"speed.blocks_without_checkpointing={s.blocks_without_checkpointing} has no effect with "
                  "train.gradient_checkpointing=false (no block is checkpointed); set it to 0 or turn checkpointing on")
+    if s.fused_lora:
+        from finetune.speed.fused_lora import kernel_problems
+
+        p += kernel_problems(cuda_available)
     if s.cuda_graphs and t.grad_accum > 1:
         # A graph replay hands gradients out of the graph's own memory, which the next micro-batch's
         # replay overwrites: accumulation would give wrong gradients (pytorch/pytorch#169545).

@@ -31,6 +31,8 @@ def describe_speed(cfg: Config) -> str:
         parts.append(f"MLPs in slices of {s.mlp_chunk_size} tokens")
     if not s.fp32_frozen:
         parts.append("frozen unquantized weights in the compute dtype")
+    if s.fused_lora:
+        parts.append("LoRA in fused Triton kernels")
     host = (["checkpointed block inputs"] if s.offload_checkpoints and checkpointing else []) + \
         (["input embeddings"] if s.offload_embeddings else [])
     if host:

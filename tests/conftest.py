@@ -12,10 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from accelerate.state import AcceleratorState, PartialState
 
-from finetune.tiny import TINY_ARCHITECTURES, build_tiny_tokenizer, save_random_model
+# speed.fused_lora's Triton kernels run on the CPU in Triton's interpreter (tests/test_fused_lora.py); it
+# is chosen when triton is first imported, which bitsandbytes does.
+if not any(Path("/dev").glob("nvidia[0-9]*")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from accelerate.state import AcceleratorState, PartialState  # noqa: E402
+
+from finetune.tiny import TINY_ARCHITECTURES, build_tiny_tokenizer, save_random_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

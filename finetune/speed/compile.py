@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from finetune.config import SpeedConfig
+from finetune.speed.fused_lora import fuse_lora_layers
 from finetune.speed.host_embeddings import offload_embeddings
 from finetune.speed.long_context import chunk_mlps, offload_checkpoints, offload_saved_inputs
 from finetune.speed.recompute import checkpoint_inside, keep_matmul_outputs
@@ -36,6 +37,8 @@ def apply_speed(model, speed: SpeedConfig, max_length: int) -> None:
     keep_activations_of_last_blocks(model, speed.blocks_without_checkpointing)
     if speed.offload_embeddings:
         offload_embeddings(model)
+    if speed.fused_lora:
+        fuse_lora_layers(model)
     if speed.mlp_chunk_size:
         chunk_mlps(decoder_blocks(model), speed.mlp_chunk_size)
     if speed.offload_checkpoints:

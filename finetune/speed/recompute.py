@@ -39,7 +39,11 @@ def _kept_ops() -> set:
     import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
     from torch._higher_order_ops.flex_attention import flex_attention
 
+    import finetune.speed.fused_lora  # noqa: F401  (registers torch.ops.finetune)
+
     ops = {getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS if hasattr(torch.ops.aten, name)}
+    # speed.fused_lora's down-projection: its output is rank-r wide, recomputing it would read x again
+    ops.add(torch.ops.finetune.lora_down.default)
     # bitsandbytes 0.50's fused 4-bit matmul; before it, a 4-bit matmul is dequantize + mm (kept as mm).
     if hasattr(torch.ops.bitsandbytes, "gemm_4bit"):
         ops.add(torch.ops.bitsandbytes.gemm_4bit.default)

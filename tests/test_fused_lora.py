@@ -1,0 +1,228 @@
+"""LoRA in fused Triton kernels (speed.fused_lora, finetune/speed/fused_lora.py).
+
+On the CPU the real kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+Checked against plain torch: the kernels' outputs and gradients, with the dropout mask written out
+from the hash's definition in numpy; whole models against PEFT's own layers (no dropout) and against
+the same layers with the reference down-projection (dropout); compiled and checkpointed blocks against
+eager ones; and the CLI end to end.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from finetune.loss import causal_lm_loss_sum
+from finetune.speed import fused_lora
+from finetune.speed.fused_lora import fuse_lora_layers, kernel_problems, lora_down
+from tests.conftest import lora_model, loss_and_grads, run_cli, tiny_run_args
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def reference_keep(rows: int, columns: int, seed: int, p: float) -> torch.Tensor:
+    """The keep mask in unsigned 32-bit numpy arithmetic, from the hash's definition: murmur3's finalizer
+    of (row's finalized hash with the seed) xor (column x constant), kept at or above p of the range."""
+    with np.errstate(over="ignore"):
+        row_hash = _fmix32(np.arange(rows, dtype=np.uint32)[:, None] * np.uint32(0x9E3779B9)
+                           + np.uint32(seed % 2**32))
+        h = _fmix32(row_hash ^ (np.arange(columns, dtype=np.uint32) * np.uint32(0x27D4EB2F)))
+    # the kernels compare the hash as a signed int32: flipping the top bit orders it the same way unsigned
+    return torch.from_numpy((h ^ np.uint32(2**31)) >= np.uint32(round(p * 2**32)))
+
+
+class ReferenceDown(torch.autograd.Function):
+    """lora_down in plain torch with the reference mask."""
+
+    @staticmethod
+    def forward(ctx, x, weight, seed, p):
+        keep = reference_keep(x.shape[0], x.shape[1], int(seed), p).to(x.device)
+        dropped = (x.float() * keep / (1 - p))
+        ctx.save_for_backward(dropped, weight, keep)
+        ctx.p = p
+        return (dropped @ weight.float().T).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        dropped, weight, keep = ctx.saved_tensors
+        grad_x = (grad_u.float() @ weight.float()) * keep / (1 - ctx.p)
+        return grad_x.to(grad_u.dtype), (grad_u.float().T @ dropped).to(weight.dtype), None, None
+
+
+def reference_down(x, weight, seed, p):
+    return ReferenceDown.apply(x, weight, seed, p)
+
+
+@pytest.mark.parametrize("seed", [0, 1, -5, 2**31 - 1, -2**31])
+def test_the_kernel_drops_exactly_the_hash_mask(seed):
+    """With A the identity (rank = width = 16) and exact fp32 products, u is x * keep / (1 - p)."""
+    x = torch.rand(83, 16) + 0.5  # no zeros: u == 0 marks exactly the dropped elements
+    u = lora_down(x, torch.eye(16), torch.tensor(seed, dtype=torch.int32), 0.3)
+    keep = reference_keep(83, 16, seed, 0.3)
+    assert torch.equal(u != 0, keep)
+    torch.testing.assert_close(u[keep], x[keep] / 0.7)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_the_hash_mask_has_dropout_statistics(p):
+    n = 2048
+    dropped = 1 - reference_keep(n, n, 12345, p).double()
+    sigma = (p * (1 - p) / n**2) ** 0.5
+    assert abs(dropped.mean().item() - p) < 5 * sigma
+    # neighbours along rows and columns and the next seed's mask are independent: both dropped with
+    # probability p^2 (five standard deviations of that estimate)
+    other = 1 - reference_keep(n, n, 12346, p).double()
+    for pair in [dropped[:, 1:] * dropped[:, :-1], dropped[1:] * dropped[:-1], dropped * other]:
+        assert abs(pair.mean().item() - p**2) < 5 * (p**2 * (1 - p**2) / pair.numel()) ** 0.5
+    assert (dropped.mean(0) - p).abs().max().item() < 6 * (p * (1 - p) / n) ** 0.5  # no column favoured
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("rank", [8, 16])
+def test_the_kernels_give_the_reference_output_and_gradients(dtype, p, rank):
+    # shapes that fill no block evenly, on every side
+    x = torch.randn(150, 300, dtype=dtype)
+    weight = torch.randn(rank, 300, dtype=dtype) * 0.1
+    seed = torch.tensor(-12345, dtype=torch.int32)
+    grad_u = torch.randn(150, rank, dtype=dtype)
+    results = []
+    for down in (lora_down, reference_down):
+        xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        u = down(xi, wi, seed, p)
+        u.backward(grad_u)
+        results.append((u, xi.grad, wi.grad))
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for got, expected in zip(*results):
+        assert got.dtype == expected.dtype == dtype
+        torch.testing.assert_close(got, expected, **tolerance)
+
+
+def test_large_row_splits_add_up_in_the_weight_gradient():
+    """The weight gradient is summed over several row splits (here 4 of 64 rows)."""
+    x, grad_u = torch.randn(256, 40), torch.randn(256, 16)
+    seed = torch.tensor(7, dtype=torch.int32)
+    got = fused_lora.lora_down_grad_weight(grad_u, x, seed, 0.2)
+    keep = reference_keep(256, 40, 7, 0.2)
+    torch.testing.assert_close(got, grad_u.T @ (x * keep / 0.8), rtol=1e-4, atol=1e-4)
+
+
+def _batch(tokenizer) -> dict:
+    enc = tokenizer(["What is the capital of France? Paris.", "The quick brown fox"], return_tensors="pt",
+                    padding=True)
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    return {**enc, "labels": labels}
+
+
+def _relative_difference(a: dict, b: dict) -> float:
+    x = torch.cat([a[n].float().flatten() for n in b])
+    y = torch.cat([b[n].float().flatten() for n in b])
+    return ((x - y).norm() / y.norm()).item()
+
+
+def _loss_without_gradients(model, batch) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return causal_lm_loss_sum(model, batch, 16)
+
+
+def test_without_dropout_fused_layers_give_peft_loss_and_gradients(tiny_llama, tokenizer):
+    model = lora_model(tiny_llama, "speed.fp32_frozen=false")
+    model.train()
+    batch = _batch(tokenizer)
+    peft_loss, peft_grads = loss_and_grads(model, batch, 16, autocast=True)
+    with model.disable_adapter():
+        peft_base_loss = _loss_without_gradients(model, batch)
+    layers = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
+    assert fuse_lora_layers(model) == layers == 7 * model.config.num_hidden_layers
+    fused_loss, fused_grads = loss_and_grads(model, batch, 16, autocast=True)
+    torch.testing.assert_close(fused_loss, peft_loss, rtol=2e-3, atol=0)
+    assert fused_grads.keys() == peft_grads.keys() and len(fused_grads) == 2 * layers
+    assert _relative_difference(fused_grads, peft_grads) < 2e-2
+    # with adapters off (a DPO reference pass) PEFT's own forward runs: the base model's loss
+    with model.disable_adapter():
+        assert torch.equal(_loss_without_gradients(model, batch), peft_base_loss)
+    assert abs(peft_base_loss.item() - fused_loss.item()) > 1e-3
+
+
+def test_with_dropout_fused_layers_give_the_reference_loss_and_gradients(tiny_llama, tokenizer, monkeypatch):
+    model = lora_model(tiny_llama, "speed.fp32_frozen=false", "lora.dropout=0.3")
+    model.train()
+    fuse_lora_layers(model)
+    batch = _batch(tokenizer)
+
+    def step(seed: int):
+        torch.manual_seed(seed)  # the same seeds for the masks on both sides
+        return loss_and_grads(model, batch, 16, autocast=True)
+
+    fused_loss, fused_grads = step(7)
+    other_loss, _ = step(8)
+    monkeypatch.setattr(fused_lora, "lora_down", reference_down)
+    reference_loss, reference_grads = step(7)
+    torch.testing.assert_close(fused_loss, reference_loss, rtol=2e-3, atol=0)
+    assert _relative_difference(fused_grads, reference_grads) < 2e-2
+    assert abs(other_loss.item() - fused_loss.item()) > 1e-2  # the masks matter: another draw, another loss
+    # evaluation drops nothing: the loss of training mode with p = 0
+    monkeypatch.undo()
+    model.eval()
+    eval_loss = _loss_without_gradients(model, batch)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    torch.testing.assert_close(eval_loss, _loss_without_gradients(model, batch), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("kept", [0, 2], ids=["checkpointed", "without-checkpointing"])
+def test_compiled_blocks_recompute_the_masks_of_their_forward(tiny_llama, tokenizer, kept, fresh_compile_cache):
+    """Compiled blocks (checkpointed, or keeping their matmul outputs) give the eager loss and gradients:
+    backward's kernels use the seed the forward drew, whatever is recomputed."""
+    from finetune.speed.compile import compile_blocks, keep_activations_of_last_blocks
+
+    model = lora_model(tiny_llama, "speed.fp32_frozen=false", "lora.dropout=0.3")
+    model.train()
+    fuse_lora_layers(model)
+    keep_activations_of_last_blocks(model, kept)
+    batch = _batch(tokenizer)
+
+    def step():
+        torch.manual_seed(7)
+        return loss_and_grads(model, batch, 16, autocast=True)
+
+    eager_loss, eager_grads = step()
+    compile_blocks(model)
+    # Inductor draws the seeds with torch's own generator here, so both sides see the same masks
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled_loss, compiled_grads = step()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-3, atol=0)
+    assert _relative_difference(compiled_grads, eager_grads) < 2e-2
+
+
+def test_the_cli_trains_with_fused_lora(tiny_llama, instruction_file, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    result = run_cli(tiny_run_args(tiny_llama, instruction_file, out, "speed=fast", "speed.fused_lora=true",
+                                   "lora.dropout=0.1", "train.max_steps=6", "train.grad_accum=1",
+                                   "train.learning_rate=1e-2"), cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoRA in fused Triton kernels" in result.stdout
+    losses = [loss for _, loss in json.loads((out / "summary.json").read_text())["losses"]]
+    assert len(losses) == 6 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        assert any("lora_A" in k for k in f.keys())
+
+
+def test_preflight_refuses_fused_lora_without_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    problems = kernel_problems(cuda_available=False)
+    assert len(problems) == 1 and "CUDA GPU" in problems[0] and "speed.fused_lora=false" in problems[0]
+    assert kernel_problems(cuda_available=True) == []
