@@ -31,6 +31,15 @@ import torch
 # kernels load on first use.
 
 
+# Tile sizes and warps per kernel, chosen on an H200 by scripts/fused_lora_check.py --sweep (the figures
+# are in docs/decisions.md). The kernels stream x or grad_x once: they are bound by memory bandwidth.
+LAUNCH = {
+    "down": dict(BLOCK_M=16, BLOCK_K=128, num_warps=4),
+    "grad_input": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4),
+    "grad_weight": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4),
+}
+
+
 def _streaming_multiprocessors(x: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
 
@@ -50,9 +59,9 @@ def lora_down(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: floa
     m, width = x.shape
     r = weight.shape[0]
     u = x.new_empty(m, r)
-    block_m = 16
-    k.lora_down_kernel[(-(-m // block_m),)](x, weight, u, seed, m, width, BLOCK_M=block_m, BLOCK_K=128,
-                                            **_shared_arguments(p, r, x))
+    launch = LAUNCH["down"]
+    k.lora_down_kernel[(-(-m // launch["BLOCK_M"]),)](x, weight, u, seed, m, width, **launch,
+                                                      **_shared_arguments(p, r, x))
     return u
 
 
@@ -69,9 +78,9 @@ def lora_down_grad_input(grad_u: torch.Tensor, weight: torch.Tensor, seed: torch
     m, r = grad_u.shape
     width = weight.shape[1]
     grad_x = grad_u.new_empty(m, width)
-    block_m, block_k = 64, 128
-    k.lora_down_grad_input_kernel[(-(-m // block_m), -(-width // block_k))](
-        grad_u, weight, grad_x, seed, m, width, BLOCK_M=block_m, BLOCK_K=block_k, **_shared_arguments(p, r, grad_u))
+    launch = LAUNCH["grad_input"]
+    k.lora_down_grad_input_kernel[(-(-m // launch["BLOCK_M"]), -(-width // launch["BLOCK_K"]))](
+        grad_u, weight, grad_x, seed, m, width, **launch, **_shared_arguments(p, r, grad_u))
     return grad_x
 
 
@@ -90,15 +99,15 @@ def lora_down_grad_weight(grad_u: torch.Tensor, x: torch.Tensor, seed: torch.Ten
 
     m, r = grad_u.shape
     width = x.shape[1]
-    block_m, block_k = 64, 128
+    launch = LAUNCH["grad_weight"]
+    block_m, block_k = launch["BLOCK_M"], launch["BLOCK_K"]
     column_blocks = -(-width // block_k)
     splits = max(1, min(-(-4 * _streaming_multiprocessors(x) // column_blocks), -(-m // block_m)))
     rows_per_split = -(-m // splits // block_m) * block_m
     splits = -(-m // rows_per_split)
     partial = torch.empty(splits, r, width, device=x.device, dtype=torch.float32)
     k.lora_down_grad_weight_kernel[(column_blocks, splits)](
-        grad_u, x, partial, seed, m, width, rows_per_split, BLOCK_M=block_m, BLOCK_K=block_k,
-        **_shared_arguments(p, r, x))
+        grad_u, x, partial, seed, m, width, rows_per_split, **launch, **_shared_arguments(p, r, x))
     return partial.sum(0)
 
 

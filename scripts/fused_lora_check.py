@@ -1,0 +1,139 @@
+"""speed.fused_lora's kernels on a CUDA GPU: exact against torch, and how fast each one streams its input.
+
+    python scripts/fused_lora_check.py            # checks, then each kernel's time at llama3-8b shapes
+    python scripts/fused_lora_check.py --sweep    # and the time of each tile setting, best first
+
+Checks: the dropout mask equals the hash written out in torch integer arithmetic (bit for bit); output,
+input gradient and weight gradient match torch's matmuls through that mask. Times: each kernel alone
+(CUDA events, median of 20), as GB/s of the full-width tensor it streams (x, or grad_x it writes),
+against the same work in torch (dropout's mask applied by torch, then the matmul).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import torch
+
+from finetune.speed import fused_lora
+from finetune.speed.fused_lora import lora_down, lora_down_grad_input, lora_down_grad_weight
+
+# llama3-8b's LoRA inputs, batch 2 x 2048: (in features, out features) of q/k/v/o/gate/up, down
+SHAPES = {"4096 in (q, k, v, o, gate, up)": 4096, "14336 in (down)": 14336}
+TOKENS, RANK, P = 4096, 16, 0.05
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    def shift(v, bits):  # logical right shift of int32
+        return (v >> bits) & ((1 << (32 - bits)) - 1)
+    h = h ^ shift(h, 16)
+    h = h * (0x85EBCA6B - 2**32)
+    h = h ^ shift(h, 13)
+    h = h * (0xC2B2AE35 - 2**32)
+    return h ^ shift(h, 16)
+
+
+def torch_keep(rows: int, columns: int, seed: int, p: float, device) -> torch.Tensor:
+    r = torch.arange(rows, device=device, dtype=torch.int32)
+    row_hash = _fmix32(r.view(-1, 1) * (0x9E3779B9 - 2**32) + seed)
+    h = _fmix32(row_hash ^ (torch.arange(columns, device=device, dtype=torch.int32) * 0x27D4EB2F))
+    return h >= -2**31 + round(p * 2**32)
+
+
+def check(device) -> None:
+    x = torch.rand(1000, 16, device=device) + 0.5
+    for seed in [0, 1, -5, 2**31 - 1, -2**31, 123456789]:
+        u = lora_down(x, torch.eye(16, device=device), torch.tensor(seed, dtype=torch.int32, device=device), 0.3)
+        assert torch.equal(u != 0, torch_keep(1000, 16, seed, 0.3, device)), f"mask differs for seed {seed}"
+    print("mask: equal to the hash in torch for 6 seeds (1000 x 16, p 0.3)")
+    for width in SHAPES.values():
+        x = torch.randn(TOKENS, width, device=device, dtype=torch.bfloat16)
+        a = torch.randn(RANK, width, device=device, dtype=torch.bfloat16) * 0.02
+        g = torch.randn(TOKENS, RANK, device=device, dtype=torch.bfloat16)
+        seed = torch.tensor(2024, dtype=torch.int32, device=device)
+        keep = torch_keep(TOKENS, width, 2024, P, device)
+        dropped = x.float() * keep / (1 - P)
+        expect = {"u": dropped @ a.float().T, "grad_x": (g.float() @ a.float()) * keep / (1 - P),
+                  "grad_a": g.float().T @ dropped}
+        got = {"u": lora_down(x, a, seed, P).float(), "grad_x": lora_down_grad_input(g, a, seed, P).float(),
+               "grad_a": lora_down_grad_weight(g, x, seed, P)}
+        kept = keep.float().mean().item()
+        errors = {k: ((got[k] - expect[k]).norm() / expect[k].norm()).item() for k in expect}
+        print(f"width {width}: kept {kept:.5f}; relative error " + ", ".join(f"{k} {e:.2e}" for k, e in errors.items()))
+        assert abs(kept - (1 - P)) < 1e-3 and max(errors.values()) < 1e-2
+
+
+def _time(fn) -> float:
+    """Median seconds of fn over 20 runs after 3 warm-ups."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def kernel_times(device, width: int) -> dict[str, float]:
+    x = torch.randn(TOKENS, width, device=device, dtype=torch.bfloat16)
+    a = torch.randn(RANK, width, device=device, dtype=torch.bfloat16)
+    g = torch.randn(TOKENS, RANK, device=device, dtype=torch.bfloat16)
+    seed = torch.tensor(7, dtype=torch.int32, device=device)
+    return {"down": _time(lambda: lora_down(x, a, seed, P)),
+            "grad_input": _time(lambda: lora_down_grad_input(g, a, seed, P)),
+            "grad_weight": _time(lambda: lora_down_grad_weight(g, x, seed, P))}
+
+
+def torch_times(device, width: int) -> dict[str, float]:
+    """The same three products in torch, dropout by torch (as PEFT's layers do it, uncompiled)."""
+    x = torch.randn(TOKENS, width, device=device, dtype=torch.bfloat16)
+    a = torch.randn(RANK, width, device=device, dtype=torch.bfloat16)
+    g = torch.randn(TOKENS, RANK, device=device, dtype=torch.bfloat16)
+    drop = torch.nn.functional.dropout
+    return {"down": _time(lambda: drop(x, P) @ a.T), "grad_input": _time(lambda: drop(g @ a, P)),
+            "grad_weight": _time(lambda: g.T @ drop(x, P))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="time every tile setting of each kernel")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    check(device)
+    bytes_per = {w: TOKENS * w * 2 for w in SHAPES.values()}
+    for name, width in SHAPES.items():
+        ours, plain = kernel_times(device, width), torch_times(device, width)
+        for kernel in ours:
+            print(f"{name}: {kernel:12s} {ours[kernel] * 1e6:7.1f} us ({bytes_per[width] / ours[kernel] / 1e9:6.0f} GB/s)"
+                  f"   torch {plain[kernel] * 1e6:7.1f} us")
+    if not args.sweep:
+        return
+    chosen = {k: dict(v) for k, v in fused_lora.LAUNCH.items()}
+    for kernel in chosen:
+        results = []
+        for block_m, block_k, warps in itertools.product([16, 32, 64, 128], [64, 128, 256], [4, 8]):
+            if kernel == "down" and block_m > 64:
+                continue
+            fused_lora.LAUNCH[kernel] = dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
+            try:
+                total = sum(kernel_times(device, w)[kernel] for w in SHAPES.values())
+            except Exception as e:  # a tile too large for shared memory
+                print(f"  {kernel} {block_m}x{block_k} w{warps}: {type(e).__name__}")
+                continue
+            results.append((total, block_m, block_k, warps))
+        fused_lora.LAUNCH[kernel] = chosen[kernel]
+        results.sort()
+        print(f"{kernel}: best tile settings (total us over the two widths; chosen now {chosen[kernel]})")
+        for total, block_m, block_k, warps in results[:6]:
+            print(f"  BLOCK_M={block_m} BLOCK_K={block_k} num_warps={warps}: {total * 1e6:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
