@@ -31,8 +31,8 @@ import torch
 # kernels load on first use.
 
 
-# Tile sizes and warps per kernel, chosen on an H200 by scripts/fused_lora_check.py --sweep (the figures
-# are in docs/decisions.md). The kernels stream x or grad_x once: they are bound by memory bandwidth.
+# Tile sizes and warps per kernel; scripts/fused_lora_check.py --sweep times the alternatives on a GPU
+# (docs/decisions.md: these reach a fifth of an H200's memory bandwidth, the sweep's best a little more).
 LAUNCH = {
     "down": dict(BLOCK_M=16, BLOCK_K=128, num_warps=4),
     "grad_input": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4),
