@@ -6,9 +6,11 @@
     alibi.py      BLOOM's ALiBi attention through fused SDPA / FlexAttention kernels
     long_context.py  the MLP run in slices of the sequence (speed.mlp_chunk_size) and checkpointed
                   block inputs kept in CPU memory (speed.offload_checkpoints)
+    host_embeddings.py  the frozen input embeddings in pinned CPU memory (speed.offload_embeddings)
+    fused_lora.py LoRA's down-projection and dropout in Triton kernels, lora_kernels.py (speed.fused_lora)
 
 Each is tested on the CPU against the plain path (tests/test_loss.py, test_recompute.py,
-test_attention.py, test_long_context.py). `apply_speed` is the one call the model builder makes.
+test_attention.py, test_long_context.py, test_fused_lora.py). `apply_speed` is the one call the model builder makes.
 """
 
 from finetune.speed.compile import apply_speed, batch_widths
