@@ -1,4 +1,5 @@
-"""Optional speed machinery: none of it changes what a step computes, only how fast or in how much memory.
+"""Optional speed machinery: none of it changes what a step computes (fused_lora: the same dropout
+distribution, other draws), only how fast or in how much memory.
 
     compile.py    torch.compile of each decoder block, per batch width; which blocks keep their
                   activations (speed.blocks_without_checkpointing); CUDA graphs (speed.cuda_graphs)
