@@ -20,6 +20,7 @@ from finetune.loss import causal_lm_loss_sum
 from finetune.speed import fused_lora
 from finetune.speed.fused_lora import fuse_lora_layers, kernel_problems, lora_down
 from tests.conftest import lora_model, loss_and_grads, run_cli, tiny_run_args
+from tests.test_attention import _padded_batch
 
 
 def _fmix32(h: np.ndarray) -> np.ndarray:
@@ -118,11 +119,7 @@ def test_large_row_splits_add_up_in_the_weight_gradient():
 
 
 def _batch(tokenizer) -> dict:
-    enc = tokenizer(["What is the capital of France? Paris.", "The quick brown fox"], return_tensors="pt",
-                    padding=True)
-    labels = enc["input_ids"].clone()
-    labels[enc["attention_mask"] == 0] = -100
-    return {**enc, "labels": labels}
+    return _padded_batch(tokenizer, "right")
 
 
 def _relative_difference(a: dict, b: dict) -> float:
