@@ -118,21 +118,19 @@ def main() -> None:
     chosen = {k: dict(v) for k, v in fused_lora.LAUNCH.items()}
     for kernel in chosen:
         results = []
-        for block_m, block_k, warps in itertools.product([16, 32, 64, 128], [64, 128, 256], [4, 8]):
-            if kernel == "down" and block_m > 64:
-                continue
-            fused_lora.LAUNCH[kernel] = dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)
+        for block_m, block_k, warps, stages in itertools.product([16, 32, 64, 128], [64, 128, 256], [4, 8], [1, 3]):
+            fused_lora.LAUNCH[kernel] = dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
             try:
                 total = sum(kernel_times(device, w)[kernel] for w in SHAPES.values())
             except Exception as e:  # a tile too large for shared memory
                 print(f"  {kernel} {block_m}x{block_k} w{warps}: {type(e).__name__}")
                 continue
-            results.append((total, block_m, block_k, warps))
+            results.append((total, block_m, block_k, warps, stages))
         fused_lora.LAUNCH[kernel] = chosen[kernel]
         results.sort()
         print(f"{kernel}: best tile settings (total us over the two widths; chosen now {chosen[kernel]})")
-        for total, block_m, block_k, warps in results[:6]:
-            print(f"  BLOCK_M={block_m} BLOCK_K={block_k} num_warps={warps}: {total * 1e6:.1f} us")
+        for total, block_m, block_k, warps, stages in results[:6]:
+            print(f"  BLOCK_M={block_m} BLOCK_K={block_k} num_warps={warps} num_stages={stages}: {total * 1e6:.1f} us")
 
 
 if __name__ == "__main__":

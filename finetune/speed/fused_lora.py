@@ -34,14 +34,22 @@ import torch
 # Tile sizes and warps per kernel; scripts/fused_lora_check.py --sweep times the alternatives on a GPU
 # (docs/decisions.md: these reach a fifth of an H200's memory bandwidth, the sweep's best a little more).
 LAUNCH = {
-    "down": dict(BLOCK_M=16, BLOCK_K=128, num_warps=4),
-    "grad_input": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4),
-    "grad_weight": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4),
+    "down": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1),
+    "grad_input": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1),
+    "grad_weight": dict(BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=1),
 }
+WAVES = 4  # programs per streaming multiprocessor that the split reductions aim for
 
 
-def _streaming_multiprocessors(x: torch.Tensor) -> int:
-    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+def _splits(length: int, block: int, other_blocks: int, x: torch.Tensor) -> tuple[int, int]:
+    """(splits, length per split, a multiple of block) that cut `length` so that splits x other_blocks
+    programs fill the GPU's streaming multiprocessors WAVES times over: a reduction too long for a
+    full grid is done in parts (fp32 partial sums, added after in a fixed order, so no atomics and the
+    same inputs give the same result bit for bit)."""
+    processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    splits = max(1, min(-(-WAVES * processors // other_blocks), -(-length // block)))
+    per_split = -(-length // splits // block) * block
+    return -(-length // per_split), per_split
 
 
 def _shared_arguments(p: float, r: int, x: torch.Tensor) -> dict:
@@ -53,16 +61,19 @@ def _shared_arguments(p: float, r: int, x: torch.Tensor) -> dict:
 
 @torch.library.custom_op("finetune::lora_down", mutates_args=())
 def lora_down(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """dropout(x, p) @ weight.T for x [M, K] and weight [R, K], the dropout mask drawn from `seed`."""
+    """dropout(x, p) @ weight.T for x [M, K] and weight [R, K], the dropout mask drawn from `seed`,
+    summed in fp32 over splits of the columns."""
     from finetune.speed import lora_kernels as k
 
     m, width = x.shape
     r = weight.shape[0]
-    u = x.new_empty(m, r)
     launch = LAUNCH["down"]
-    k.lora_down_kernel[(-(-m // launch["BLOCK_M"]),)](x, weight, u, seed, m, width, **launch,
-                                                      **_shared_arguments(p, r, x))
-    return u
+    row_blocks = -(-m // launch["BLOCK_M"])
+    splits, cols_per_split = _splits(width, launch["BLOCK_K"], row_blocks, x)
+    partial = torch.empty(splits, m, r, device=x.device, dtype=torch.float32)
+    k.lora_down_kernel[(row_blocks, splits)](x, weight, partial, seed, m, width, cols_per_split, **launch,
+                                             **_shared_arguments(p, r, x))
+    return partial.sum(0).to(x.dtype)
 
 
 @lora_down.register_fake
@@ -91,20 +102,15 @@ def _(grad_u, weight, seed, p):
 
 @torch.library.custom_op("finetune::lora_down_grad_weight", mutates_args=())
 def lora_down_grad_weight(grad_u: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """The gradient of lora_down with respect to weight: grad_u.T @ dropout(x), in fp32.
-
-    Rows are split so that the GPU is full; each split writes its own partial sum and the splits are
-    added after, in a fixed order (no atomics: the same inputs give the same gradient bit for bit)."""
+    """The gradient of lora_down with respect to weight: grad_u.T @ dropout(x), in fp32, summed over
+    splits of the rows."""
     from finetune.speed import lora_kernels as k
 
     m, r = grad_u.shape
     width = x.shape[1]
     launch = LAUNCH["grad_weight"]
-    block_m, block_k = launch["BLOCK_M"], launch["BLOCK_K"]
-    column_blocks = -(-width // block_k)
-    splits = max(1, min(-(-4 * _streaming_multiprocessors(x) // column_blocks), -(-m // block_m)))
-    rows_per_split = -(-m // splits // block_m) * block_m
-    splits = -(-m // rows_per_split)
+    column_blocks = -(-width // launch["BLOCK_K"])
+    splits, rows_per_split = _splits(m, launch["BLOCK_M"], column_blocks, x)
     partial = torch.empty(splits, r, width, device=x.device, dtype=torch.float32)
     k.lora_down_grad_weight_kernel[(column_blocks, splits)](
         grad_u, x, partial, seed, m, width, rows_per_split, **launch, **_shared_arguments(p, r, x))

@@ -1,6 +1,6 @@
 """Triton kernels for LoRA's down-projection with its dropout (finetune/speed/fused_lora.py holds the ops).
 
-    u      = (x * keep / (1 - p)) @ A.T                       lora_down_kernel
+    u      = (x * keep / (1 - p)) @ A.T                       lora_down_kernel (per column split)
     grad_A = grad_u.T @ (x * keep / (1 - p))                  lora_down_grad_weight_kernel (per row split)
     grad_x = (grad_u @ A) * keep / (1 - p)                    lora_down_grad_input_kernel
 
@@ -53,26 +53,30 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def lora_down_kernel(x_ptr, a_ptr, u_ptr, seed_ptr, M, K, threshold, scale,
+def lora_down_kernel(x_ptr, a_ptr, part_ptr, seed_ptr, M, K, cols_per_split, threshold, scale,
                      R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """part[split] = dropped x[rows, columns of split] @ A[:, columns of split].T, for one block of rows."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
     ranks = tl.arange(0, R_PAD)
     row_in = rows < M
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
     if DROPOUT:
         row_hash = row_hashes(seed_ptr, rows)
+    start = split * cols_per_split
+    end = tl.minimum(start + cols_per_split, K)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(start, end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + cols[None, :], mask=row_in[:, None] & (cols[None, :] < K), other=0.0)
+        x = tl.load(x_rows + cols[None, :], mask=row_in[:, None] & (cols[None, :] < end), other=0.0)
         if DROPOUT:
             x = tl.where(kept(row_hash, cols, threshold), x, 0.0).to(x_ptr.dtype.element_ty)
-        a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < K),
+        a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < end),
                     other=0.0)
         acc = mma(x, a, acc, PRECISION, UPCAST)
-    u = (acc * scale).to(u_ptr.dtype.element_ty)
-    tl.store(u_ptr + rows[:, None] * R + ranks[None, :], u, mask=row_in[:, None] & (ranks[None, :] < R))
+    tl.store(part_ptr + split * M * R + rows[:, None] * R + ranks[None, :], acc * scale,
+             mask=row_in[:, None] & (ranks[None, :] < R))
 
 
 @triton.jit
