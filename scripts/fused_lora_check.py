@@ -5,7 +5,7 @@
 
 Checks: the dropout mask equals the hash written out in torch integer arithmetic (bit for bit); output,
 input gradient and weight gradient match torch's matmuls through that mask. Times: each kernel alone
-(CUDA events, median of 20), as GB/s of the full-width tensor it streams (x, or grad_x it writes),
+(one CUDA graph of 10 calls, median of 20 replays), as GB/s of the full-width tensor it streams (x, or grad_x it writes),
 against the same work in torch (dropout's mask applied by torch, then the matmul).
 """
 
@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from finetune.speed import fused_lora
-from finetune.speed.fused_lora import lora_down, lora_down_grad_input, lora_down_grad_weight
+from finetune.speed.fused_lora import WAVES, lora_down, lora_down_grad_input, lora_down_grad_weight
 
 # llama3-8b's LoRA inputs, batch 2 x 2048: (in features, out features) of q/k/v/o/gate/up, down
 SHAPES = {"4096 in (q, k, v, o, gate, up)": 4096, "14336 in (down)": 14336}
@@ -65,18 +65,29 @@ def check(device) -> None:
         assert abs(kept - (1 - P)) < 1e-3 and max(errors.values()) < 1e-2
 
 
-def _time(fn) -> float:
-    """Median seconds of fn over 20 runs after 3 warm-ups."""
-    for _ in range(3):
-        fn()
+def _time(fn, calls: int = 10) -> float:
+    """Median seconds of one fn call, over 20 replays of a CUDA graph of `calls` calls (after warm-up).
+    A graph, as in the training step with `speed.cuda_graphs`: timed one launch at a time from Python,
+    a kernel of tens of microseconds measures the CPU's launch cost, not the GPU's work."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
     times = []
     for _ in range(20):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / calls)
     return statistics.median(times)
 
 
@@ -126,12 +137,18 @@ def main() -> None:
                 print(f"  {kernel} {block_m}x{block_k} w{warps}: {type(e).__name__}")
                 continue
             results.append((total, block_m, block_k, warps, stages))
-        fused_lora.LAUNCH[kernel] = chosen[kernel]
         results.sort()
         print(f"{kernel}: best tile settings (total us over the two widths; chosen now {chosen[kernel]})")
         for total, block_m, block_k, warps, stages in results[:6]:
             print(f"  BLOCK_M={block_m} BLOCK_K={block_k} num_warps={warps} num_stages={stages}: {total * 1e6:.1f} us")
-
+        if kernel != "grad_input":  # the two reductions: how much their split buys, at the best tiles
+            fused_lora.LAUNCH[kernel] = dict(zip(("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), results[0][1:]))
+            for waves in [0, 1, 2, 4, 8]:  # 0: no split
+                fused_lora.WAVES = waves
+                total = sum(kernel_times(device, w)[kernel] for w in SHAPES.values())
+                print(f"  at the best tiles, WAVES={waves}: {total * 1e6:.1f} us")
+            fused_lora.WAVES = WAVES
+        fused_lora.LAUNCH[kernel] = chosen[kernel]
 
 if __name__ == "__main__":
     main()

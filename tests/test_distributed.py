@@ -370,7 +370,8 @@ def test_footprint_cli_takes_the_world_size(tiny_llama, cache_dir):
 
 
 NONFINITE_ON_RANK_1 = '''
-import json, torch
+import json, sys, torch
+from pathlib import Path
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 from finetune.config import SpeedConfig, TrainConfig
@@ -396,8 +397,10 @@ batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids
 before = [p.detach().clone() for p in params]
 outcome = train_step(model, optimizer, scheduler, [batch], accelerator=accelerator, params=params,
                      speed=SpeedConfig(loss_chunk_size=0), max_grad_norm=1.0)
-print("RESULT", json.dumps({"rank": accelerator.process_index, "finite": outcome.finite, "loss": str(outcome.loss),
-                            "unchanged": all(torch.equal(a, b) for a, b in zip(before, params))}), flush=True)
+# one file per rank: two processes printing to one pipe interleave their lines
+Path(sys.argv[1], f"rank{accelerator.process_index}.json").write_text(json.dumps({
+    "rank": accelerator.process_index, "finite": outcome.finite, "loss": str(outcome.loss),
+    "unchanged": all(torch.equal(a, b) for a, b in zip(before, params))}))
 '''
 
 
@@ -406,10 +409,10 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(cache_dir, tmp_pa
     script.write_text(NONFINITE_ON_RANK_1)
     env = {**cli_env(cache_dir), "MASTER_PORT": str(_free_port())}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                             str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines()
-                    if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    ranks = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert [r["rank"] for r in ranks] == [0, 1]
     # Rank 0's own loss was finite; the step's loss is summed over the ranks first, so both skip.
     assert all(not r["finite"] and r["unchanged"] for r in ranks), ranks
