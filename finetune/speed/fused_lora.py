@@ -31,8 +31,8 @@ import torch
 # kernels load on first use.
 
 
-# Tile sizes and warps per kernel; scripts/fused_lora_check.py --sweep times the alternatives on a GPU
-# (docs/decisions.md: these reach a fifth of an H200's memory bandwidth, the sweep's best a little more).
+# Tile sizes, warps and pipeline stages per kernel; scripts/fused_lora_check.py --sweep times the
+# alternatives on a GPU (docs/decisions.md has the H200's times: each within 6% of the sweep's best).
 LAUNCH = {
     "down": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1),
     "grad_input": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1),
