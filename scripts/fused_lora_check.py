@@ -5,8 +5,8 @@
 
 Checks: the dropout mask equals the hash written out in torch integer arithmetic (bit for bit); output,
 input gradient and weight gradient match torch's matmuls through that mask. Times: each kernel alone
-(one CUDA graph of 10 calls, median of 20 replays), as GB/s of the full-width tensor it streams (x, or grad_x it writes),
-against the same work in torch (dropout's mask applied by torch, then the matmul).
+(one CUDA graph of 10 calls, median of 20 replays), as GB/s of the full-width tensor it streams (x, or
+grad_x it writes), against the same work in torch (dropout's mask applied by torch, then the matmul).
 """
 
 from __future__ import annotations
@@ -149,6 +149,7 @@ def main() -> None:
                 print(f"  at the best tiles, WAVES={waves}: {total * 1e6:.1f} us")
             fused_lora.WAVES = WAVES
         fused_lora.LAUNCH[kernel] = chosen[kernel]
+
 
 if __name__ == "__main__":
     main()
