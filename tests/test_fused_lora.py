@@ -109,13 +109,18 @@ def test_the_kernels_give_the_reference_output_and_gradients(dtype, p, rank):
         torch.testing.assert_close(got, expected, **tolerance)
 
 
-def test_large_row_splits_add_up_in_the_weight_gradient():
-    """The weight gradient is summed over several row splits (here 4 of 64 rows)."""
-    x, grad_u = torch.randn(256, 40), torch.randn(256, 16)
+def test_both_reductions_add_up_over_several_splits():
+    """The down-projection sums over splits of x's columns, the weight gradient over splits of its rows."""
+    x, weight, grad_u = torch.randn(256, 1000), torch.randn(16, 1000) * 0.1, torch.randn(256, 16)
     seed = torch.tensor(7, dtype=torch.int32)
-    got = fused_lora.lora_down_grad_weight(grad_u, x, seed, 0.2)
-    keep = reference_keep(256, 40, 7, 0.2)
-    torch.testing.assert_close(got, grad_u.T @ (x * keep / 0.8), rtol=1e-4, atol=1e-4)
+    down, grad_weight = fused_lora.LAUNCH["down"], fused_lora.LAUNCH["grad_weight"]
+    column_splits, _ = fused_lora._splits(1000, down["BLOCK_K"], -(-256 // down["BLOCK_M"]), x)
+    row_splits, _ = fused_lora._splits(256, grad_weight["BLOCK_M"], -(-1000 // grad_weight["BLOCK_K"]), x)
+    assert column_splits > 1 and row_splits > 1, (column_splits, row_splits)
+    dropped = x * reference_keep(256, 1000, 7, 0.2) / 0.8
+    torch.testing.assert_close(fused_lora.lora_down(x, weight, seed, 0.2), dropped @ weight.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused_lora.lora_down_grad_weight(grad_u, x, seed, 0.2), grad_u.T @ dropped,
+                               rtol=1e-4, atol=1e-4)
 
 
 def _batch(tokenizer) -> dict:
