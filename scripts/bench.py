@@ -466,8 +466,9 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
             profiler.step()
     if profiler is not None:
         profiler.stop()
-        print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60),
+        print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90),
               file=sys.stderr, flush=True)
+        print(gpu_busy(profiler, os.environ.get("FINETUNE_BENCH_TRACE")), file=sys.stderr, flush=True)
     from torch._dynamo.utils import counters
 
     # So a run shows that its blocks ran compiled (past dynamo's recompile limit they run eagerly) and
@@ -475,6 +476,27 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
     compiled = {"graphs": counters["stats"]["unique_graphs"], "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
                 **warm}
     return {"step_seconds": times, "losses": losses, "step_tokens": tokens, "compiled": compiled}
+
+
+def gpu_busy(profiler, trace_path: str | None) -> str:
+    """How much of the profiled steps' wall time the GPU spent running kernels and copies (the union of
+    their intervals): what CUDA graphs or fewer syncs could still win is the rest. The Chrome trace is
+    kept at `trace_path` when given (FINETUNE_BENCH_TRACE)."""
+    path = trace_path or tempfile.mktemp(suffix=".json")
+    profiler.export_chrome_trace(path)
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    if not trace_path:
+        os.unlink(path)
+    steps = [e for e in events if e.get("name", "").startswith("ProfilerStep#") and e.get("ph") == "X"]
+    gpu = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                 if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X")
+    start, end = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
+    busy, reach = 0.0, start
+    for a, b in gpu:
+        a, b = max(a, reach), min(b, end)
+        if b > a:
+            busy, reach = busy + b - a, b
+    return f"GPU busy {busy / 1e3:,.1f} ms of {(end - start) / 1e3:,.1f} ms over {len(steps)} profiled steps"
 
 
 def run_worker(args) -> None:
@@ -643,7 +665,7 @@ def main() -> None:
         peer_env = peer_environment(args.peer_site, args.peer_env) if worker in PEER_SIDES else None
         proc, per_set = run_side(side, cmd, peer_env, len(args.max_seq or [1]))
         if args.profile and worker == "ours":
-            print(proc.stderr[proc.stderr.find("Name"):][-9000:] if "Name" in proc.stderr else "", flush=True)
+            print(proc.stderr[proc.stderr.find("Name"):][-16000:] if "Name" in proc.stderr else "", flush=True)
         if not per_set:
             continue
         if args.max_seq:
