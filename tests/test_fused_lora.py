@@ -9,12 +9,14 @@ eager ones; and the CLI end to end.
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.loss import causal_lm_loss_sum
 from finetune.speed import fused_lora
@@ -123,6 +125,69 @@ def test_both_reductions_add_up_over_several_splits():
                                rtol=1e-4, atol=1e-4)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that run under it, by overload."""
+
+    def __enter__(self):
+        self.calls = collections.Counter()
+        super().__enter__()
+        return self.calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _quantized_linear(out_features: int, in_features: int, quant_type: str, nested: bool, bias: bool):
+    """A real bitsandbytes 4-bit layer (bf16 compute) of random weights, quantized on the CPU."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.bfloat16,
+                              compress_statistics=nested, quant_type=quant_type)
+    weight = torch.randn(out_features, in_features) * 0.05
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=nested)._quantize("cpu")
+    if bias:
+        layer.bias = torch.nn.Parameter(torch.randn(out_features, dtype=torch.bfloat16) * 0.1, requires_grad=False)
+    return layer
+
+
+@pytest.mark.parametrize("frozen", ["nf4-nested", "nf4", "fp4-nested-bias", "plain"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_the_whole_layer_op_gives_the_frozen_layer_plus_the_adapter(frozen, p):
+    """lora_linear (the frozen layer and its adapter in one op) against the frozen layer's own forward
+    plus the adapter in plain torch with the reference mask: output and the gradients of x, A and B."""
+    if frozen == "plain":
+        base = torch.nn.Linear(300, 200, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    else:
+        quant_type, *flags = frozen.split("-")
+        base = _quantized_linear(200, 300, quant_type, "nested" in flags, "bias" in flags)
+    operands = fused_lora.frozen_operands(base, torch.bfloat16)
+    assert operands is not None and (operands[3] is not None) == ("nested" in frozen)
+    x = torch.randn(150, 300, dtype=torch.bfloat16)
+    a = (torch.randn(16, 300) * 0.1).to(torch.bfloat16)
+    b = (torch.randn(200, 16) * 0.1).to(torch.bfloat16)
+    seed, grad_out = torch.tensor(-777, dtype=torch.int32), torch.randn(150, 200, dtype=torch.bfloat16)
+    results = []
+    for fused in (True, False):
+        xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
+        if fused:
+            out, _ = fused_lora.lora_linear(xi, *operands, ai, bi, seed, p, 2.0)
+        else:
+            out = base(xi) + reference_down(xi, ai, seed, p) @ bi.T * 2.0
+        out.backward(grad_out)
+        results.append((out, xi.grad, ai.grad, bi.grad))
+    for got, expected in zip(*results):
+        assert got.dtype == expected.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2)
+        assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2
+
+
+def test_frozen_operands_refuse_what_lora_linear_would_compute_differently():
+    assert fused_lora.frozen_operands(_quantized_linear(64, 64, "nf4", True, False), torch.float16) is None
+    assert fused_lora.frozen_operands(torch.nn.Linear(64, 64), torch.bfloat16) is None  # fp32 weight
+
+
 def _batch(tokenizer) -> dict:
     return _padded_batch(tokenizer, "right")
 
@@ -147,7 +212,11 @@ def test_without_dropout_fused_layers_give_peft_loss_and_gradients(tiny_llama, t
         peft_base_loss = _loss_without_gradients(model, batch)
     layers = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
     assert fuse_lora_layers(model) == layers == 7 * model.config.num_hidden_layers
-    fused_loss, fused_grads = loss_and_grads(model, batch, 16, autocast=True)
+    with OpCounter() as calls:
+        fused_loss, fused_grads = loss_and_grads(model, batch, 16, autocast=True)
+    # every layer (NF4 base, bf16 compute) runs as one op: none runs bitsandbytes' own 4-bit matmul
+    assert calls[torch.ops.finetune.lora_linear_backward.default] == layers
+    assert calls[torch.ops.finetune.lora_linear.default] > 0 and calls[torch.ops.bitsandbytes.gemm_4bit.default] == 0
     torch.testing.assert_close(fused_loss, peft_loss, rtol=2e-3, atol=0)
     assert fused_grads.keys() == peft_grads.keys() and len(fused_grads) == 2 * layers
     assert _relative_difference(fused_grads, peft_grads) < 2e-2

@@ -139,6 +139,126 @@ def _backward(ctx, grad_u):
 lora_down.register_autograd(_backward, setup_context=_setup_context)
 
 
+def frozen_weight(weight: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor | None,
+                  nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
+                  quant_type: str, blocksize: int, nested_blocksize: int, shape: list[int],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The frozen layer's [out, in] weight in `dtype`: a plain weight as it is, a bitsandbytes 4-bit one
+    dequantized (with its nested absmax, double quantization) as bitsandbytes' own 4-bit matmul does: on
+    a GPU by one Triton kernel that gives the same bits (finetune/speed/dequant_kernels.py), elsewhere
+    by bitsandbytes itself."""
+    if absmax is None:
+        return weight
+    if weight.is_cuda:
+        from finetune.speed.dequant_kernels import dequantize_4bit_op
+
+        return dequantize_4bit_op(weight, absmax, code, blocksize, shape[0], shape[1], dtype, nested_absmax,
+                                  nested_code, offset, nested_blocksize)
+    if nested_absmax is not None:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, nested_absmax, nested_code,
+                                                                     nested_blocksize, torch.float32) + offset
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, blocksize, quant_type, shape, dtype)
+
+
+@torch.library.custom_op("finetune::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor | None,
+                nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
+                quant_type: str, blocksize: int, nested_blocksize: int, shape: list[int], bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, seed: torch.Tensor, p: float,
+                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ W.T + bias + scaling * dropout(x, p) @ A.T @ B.T for x [M, K] and the frozen W [N, K] (see
+    frozen_weight), all in x's dtype; returns it and u = dropout(x) @ A.T, which backward needs.
+
+    The low-rank term is written first and the frozen matmul adds itself to it in place (a GEMM with
+    beta = 1 reads it in its epilogue): the [M, N] output is written once, where adding the
+    adapter's term after the frozen matmul reads and writes it twice more (and `addmm` copies it once
+    before that)."""
+    with torch.autocast(x.device.type, enabled=False):
+        u = lora_down(x, lora_a, seed, p)
+        low_rank_b = (lora_b * scaling).t()
+        out = torch.mm(u, low_rank_b) if bias is None else torch.addmm(bias, u, low_rank_b)
+        w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
+                          nested_blocksize, shape, x.dtype)
+        return out.addmm_(x, w.t()), u
+
+
+@lora_linear.register_fake
+def _(x, weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize, shape,
+      bias, lora_a, lora_b, seed, p, scaling):
+    return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+@torch.library.custom_op("finetune::lora_linear_backward", mutates_args=())
+def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
+                         absmax: torch.Tensor | None, code: torch.Tensor | None, nested_absmax: torch.Tensor | None,
+                         nested_code: torch.Tensor | None, offset: torch.Tensor | None, quant_type: str, blocksize: int,
+                         nested_blocksize: int, shape: list[int], lora_a: torch.Tensor, lora_b: torch.Tensor,
+                         seed: torch.Tensor, p: float, scaling: float,
+                         input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of lora_linear with respect to x, A and B (x's is empty without `input_grad`). The
+    adapter's share of x's gradient is written first and the frozen matmul's adds itself to it in place."""
+    with torch.autocast(x.device.type, enabled=False):
+        grad_u = torch.mm(grad_out, lora_b * scaling)
+        grad_b = torch.mm(grad_out.t(), u) * scaling
+        grad_a = lora_down_grad_weight(grad_u, x, seed, p).to(lora_a.dtype)
+        if not input_grad:
+            return x.new_empty(0), grad_a, grad_b
+        grad_x = lora_down_grad_input(grad_u, lora_a, seed, p)
+        w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
+                          nested_blocksize, shape, x.dtype)
+        return grad_x.addmm_(grad_out, w), grad_a, grad_b
+
+
+@lora_linear_backward.register_fake
+def _(grad_out, x, u, weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
+      nested_blocksize, shape, lora_a, lora_b, seed, p, scaling, input_grad):
+    return x.new_empty(x.shape if input_grad else (0,)), torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+# lora_linear's arguments after x that describe the frozen layer: tensors (weight .. offset), then settings
+# (quant_type .. shape)
+_FROZEN_TENSORS, _FROZEN_SETTINGS = 6, 4
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, *frozen, bias, lora_a, lora_b, seed, p, scaling = inputs
+    tensors, ctx.frozen_settings = frozen[:_FROZEN_TENSORS], frozen[_FROZEN_TENSORS:]
+    ctx.save_for_backward(x, output[1], *tensors, lora_a, lora_b, seed)
+    ctx.p, ctx.scaling = p, scaling
+
+
+def _lora_linear_grad(ctx, grad_out, _grad_u):
+    x, u, *frozen_tensors, lora_a, lora_b, seed = ctx.saved_tensors
+    input_grad = ctx.needs_input_grad[0]
+    grad_x, grad_a, grad_b = lora_linear_backward(grad_out.contiguous(), x, u, *frozen_tensors, *ctx.frozen_settings,
+                                                  lora_a, lora_b, seed, ctx.p, ctx.scaling, input_grad)
+    no_grads = [None] * (_FROZEN_TENSORS + _FROZEN_SETTINGS + 1)  # the frozen layer and its bias
+    return grad_x if input_grad else None, *no_grads, grad_a, grad_b, None, None, None
+
+
+lora_linear.register_autograd(_lora_linear_grad, setup_context=_lora_linear_setup)
+
+
+def frozen_operands(base: torch.nn.Module, dtype: torch.dtype) -> tuple | None:
+    """lora_linear's arguments for the frozen layer `base` (weight .. shape, then its bias), or None when
+    lora_linear does not compute it as the layer itself would: a bitsandbytes 4-bit layer computing in
+    `dtype`, or a plain linear layer whose weight is of `dtype`."""
+    import bitsandbytes as bnb
+
+    bias = base.bias
+    if bias is not None and bias.dtype != dtype:
+        return None
+    if type(base) is torch.nn.Linear and base.weight.dtype == dtype and type(base.weight.data) is torch.Tensor:
+        return base.weight, None, None, None, None, None, "", 0, 0, list(base.weight.shape), bias
+    state = getattr(base.weight, "quant_state", None)
+    if not isinstance(base, bnb.nn.Linear4bit) or base.compute_dtype != dtype or state is None:
+        return None
+    nested = state.state2 if state.nested else None
+    return (base.weight, state.absmax, state.code, nested and nested.absmax, nested and nested.code,
+            state.offset if nested else None, state.quant_type, state.blocksize, nested.blocksize if nested else 0,
+            list(state.shape), bias)
+
+
 def fusable(layer: torch.nn.Module) -> bool:
     """A PEFT LoRA layer over a linear base (plain, 4-bit or 8-bit) that fused_forward computes in full."""
     from peft.tuners.lora import LoraLayer
@@ -147,8 +267,19 @@ def fusable(layer: torch.nn.Module) -> bool:
             and not getattr(layer, "fan_in_fan_out", False))
 
 
+def _dropout_and_seed(layer, adapter: str, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The adapter's dropout probability in this mode and a fresh seed for its mask."""
+    dropout = layer.lora_dropout[adapter]
+    p = dropout.p if layer.training and isinstance(dropout, torch.nn.Dropout) else 0.0
+    seed = (torch.randint(-2**31, 2**31 - 1, (), device=x.device, dtype=torch.int32) if p > 0
+            else torch.zeros((), device=x.device, dtype=torch.int32))
+    return p, seed
+
+
 def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A PEFT LoRA linear layer's forward with the low-rank path in lora_down and one addmm.
+    """A PEFT LoRA linear layer's forward with the low-rank path in lora_down: with one adapter over a
+    4-bit or plain frozen layer of the input's dtype, the whole layer in one op (lora_linear); else the
+    frozen layer's own forward and one addmm per adapter.
 
     Whatever this does not cover (adapters disabled or merged, mixed adapter batches, DoRA and other
     variants, a bias on lora_B) goes through PEFT's own forward.
@@ -157,19 +288,25 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
             or any(a in self.lora_variant or self.lora_B[a].bias is not None for a in adapters)):
         return self.finetune_peft_forward(x, *args, **kwargs)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    flat = x.reshape(-1, x.shape[-1])
+    if len(adapters) == 1 and not args and not kwargs:
+        adapter = adapters[0]
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else a.dtype
+        frozen = frozen_operands(self.get_base_layer(), dtype) if x.dtype == dtype else None
+        if frozen is not None:
+            p, seed = _dropout_and_seed(self, adapter, x)
+            out, _ = lora_linear(flat.contiguous(), *frozen, a.to(dtype), b.to(dtype), seed, p, self.scaling[adapter])
+            return out.view(*x.shape[:-1], out.shape[-1])
     result = self.base_layer(x, *args, **kwargs)
     out = result.reshape(-1, result.shape[-1])
-    autocast = torch.is_autocast_enabled(x.device.type)
     for adapter in adapters:
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         # PEFT's dtypes: the autocast dtype under autocast, else the adapter's own, the sum in the result's.
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else a.dtype
-        dropout = self.lora_dropout[adapter]
-        p = dropout.p if self.training and isinstance(dropout, torch.nn.Dropout) else 0.0
-        seed = (torch.randint(-2**31, 2**31 - 1, (), device=x.device, dtype=torch.int32) if p > 0
-                else torch.zeros((), device=x.device, dtype=torch.int32))
-        flat = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
-        u = lora_down(flat, a.to(dtype), seed, p)
+        p, seed = _dropout_and_seed(self, adapter, x)
+        u = lora_down(flat.to(dtype).contiguous(), a.to(dtype), seed, p)
         with torch.autocast(x.device.type, enabled=False):
             if out.dtype == dtype:
                 out = torch.addmm(out, u, b.to(dtype).t(), alpha=self.scaling[adapter])

@@ -42,8 +42,9 @@ def _kept_ops() -> set:
     import finetune.speed.fused_lora  # noqa: F401  (registers torch.ops.finetune)
 
     ops = {getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS if hasattr(torch.ops.aten, name)}
-    # speed.fused_lora's down-projection: its output is rank-r wide, recomputing it would read x again
-    ops.add(torch.ops.finetune.lora_down.default)
+    # speed.fused_lora's down-projection: its output is rank-r wide, recomputing it would read x again;
+    # and its whole layer (frozen matmul and adapter), a matmul output like the others
+    ops.update({torch.ops.finetune.lora_down.default, torch.ops.finetune.lora_linear.default})
     # bitsandbytes 0.50's fused 4-bit matmul; before it, a 4-bit matmul is dequantize + mm (kept as mm).
     if hasattr(torch.ops.bitsandbytes, "gemm_4bit"):
         ops.add(torch.ops.bitsandbytes.gemm_4bit.default)
