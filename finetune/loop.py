@@ -125,9 +125,11 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accele
             metrics_all[name] = metrics_all.get(name, 0) + value.double()
         tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
 
-    grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
-    loss = float(accelerator.reduce(loss_all, reduction="sum"))
-    metrics = {name: float(accelerator.reduce(value, reduction="sum")) for name, value in metrics_all.items()}
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    sums = [accelerator.reduce(value, reduction="sum") for value in (loss_all, *metrics_all.values())]
+    # One copy to the host for all of them: each waits for the GPU, and the GPU then waits for the next launch.
+    grad_norm, loss, *metric_values = torch.stack([torch.as_tensor(grad_norm).to(loss_all).reshape(()), *sums]).tolist()
+    metrics = dict(zip(metrics_all, metric_values))
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     scaler = accelerator.scaler
     if finite or scaler is not None:
