@@ -105,12 +105,14 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accele
         torch.compiler.cudagraph_mark_step_begin()
     # Every process divides by the same global counts (target tokens; pairs), counted on the CPU: on
     # the GPU it would sync the step. The micro-batches' shares then add up to the step's mean.
-    local_units = torch.tensor([sum(u) for u in zip(*(objective.units(b) for b in micro_batches))], device=device)
-    global_units = [int(u) for u in accelerator.reduce(local_units, reduction="sum")]
+    local_units = [sum(u) for u in zip(*(objective.units(b) for b in micro_batches))]
+    global_units = local_units if accelerator.num_processes == 1 else \
+        [int(u) for u in accelerator.reduce(torch.tensor(local_units, device=device), reduction="sum")]
     loss_all = torch.zeros((), device=device, dtype=torch.float64)
     metrics_all: dict[str, torch.Tensor] = {}
     tokens = 0
     for i, batch in enumerate(micro_batches):
+        tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes  # on the CPU: no sync
         batch = {k: v.to(device) for k, v in batch.items()}
         # Gradients are synchronized across processes only on the last micro-batch.
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
@@ -123,12 +125,12 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accele
         loss_all += share.detach().double()
         for name, value in metrics.items():
             metrics_all[name] = metrics_all.get(name, 0) + value.double()
-        tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
 
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     sums = [accelerator.reduce(value, reduction="sum") for value in (loss_all, *metrics_all.values())]
     # One copy to the host for all of them: each waits for the GPU, and the GPU then waits for the next launch.
-    grad_norm, loss, *metric_values = torch.stack([torch.as_tensor(grad_norm).to(loss_all).reshape(()), *sums]).tolist()
+    grad_norm, loss, *metric_values = torch.stack([torch.as_tensor(grad_norm).to(loss_all).reshape(()),
+                                                   *sums]).tolist()
     metrics = dict(zip(metrics_all, metric_values))
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     scaler = accelerator.scaler

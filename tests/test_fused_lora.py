@@ -157,14 +157,15 @@ def _quantized_linear(out_features: int, in_features: int, quant_type: str, nest
 def test_the_whole_layer_op_gives_the_frozen_layer_plus_the_adapter(frozen, p):
     """lora_linear (the frozen layer and its adapter in one op) against the frozen layer's own forward
     plus the adapter in plain torch with the reference mask: output and the gradients of x, A and B."""
+    torch.manual_seed(0)
     if frozen == "plain":
         base = torch.nn.Linear(300, 200, bias=False, dtype=torch.bfloat16).requires_grad_(False)
     else:
         quant_type, *flags = frozen.split("-")
         base = _quantized_linear(200, 300, quant_type, "nested" in flags, "bias" in flags)
-    operands = fused_lora.frozen_operands(base, torch.bfloat16)
-    assert operands is not None and (operands[3] is not None) == ("nested" in frozen)
     x = torch.randn(150, 300, dtype=torch.bfloat16)
+    operands = fused_lora.frozen_operands(base, x, torch.bfloat16)
+    assert operands is not None and (operands[3] is not None) == ("nested" in frozen)
     a = (torch.randn(16, 300) * 0.1).to(torch.bfloat16)
     b = (torch.randn(200, 16) * 0.1).to(torch.bfloat16)
     seed, grad_out = torch.tensor(-777, dtype=torch.int32), torch.randn(150, 200, dtype=torch.bfloat16)
@@ -178,14 +179,40 @@ def test_the_whole_layer_op_gives_the_frozen_layer_plus_the_adapter(frozen, p):
         out.backward(grad_out)
         results.append((out, xi.grad, ai.grad, bi.grad))
     for got, expected in zip(*results):
+        # bf16 sums rounded in other places (the reference rounds the frozen output and each gradient
+        # before adding them): a few units in the last place apart elementwise, 0.4% in norm
         assert got.dtype == expected.dtype == torch.bfloat16
-        torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(got.float(), expected.float(), rtol=5e-2, atol=1e-1)
         assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2
 
 
 def test_frozen_operands_refuse_what_lora_linear_would_compute_differently():
-    assert fused_lora.frozen_operands(_quantized_linear(64, 64, "nf4", True, False), torch.float16) is None
-    assert fused_lora.frozen_operands(torch.nn.Linear(64, 64), torch.bfloat16) is None  # fp32 weight
+    """Each case falls back to the frozen layer's own forward."""
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    quantized = _quantized_linear(64, 64, "nf4", True, False)
+    assert fused_lora.frozen_operands(quantized, x, torch.bfloat16) is not None
+    assert fused_lora.frozen_operands(quantized, x, torch.float16) is None  # computes in another dtype
+    assert fused_lora.frozen_operands(quantized, x.float(), torch.bfloat16) is None  # input of another dtype
+    assert fused_lora.frozen_operands(torch.nn.Linear(64, 64), x, torch.bfloat16) is None  # fp32 weight
+    trained_bias = _quantized_linear(64, 64, "nf4", True, True)
+    trained_bias.bias.requires_grad_(True)  # lora.bias=all: lora_linear gives the bias no gradient
+    assert fused_lora.frozen_operands(trained_bias, x, torch.bfloat16) is None
+    hooked = _quantized_linear(64, 64, "nf4", True, False)
+    hooked.register_forward_pre_hook(lambda module, args: None)  # e.g. accelerate's offload, which loads weights
+    assert fused_lora.frozen_operands(hooked, x, torch.bfloat16) is None
+    meta = torch.nn.Linear(64, 64, dtype=torch.bfloat16, device="meta").requires_grad_(False)
+    assert fused_lora.frozen_operands(meta, x, torch.bfloat16) is None
+
+
+def test_the_whole_layer_op_passes_torch_library_checks():
+    """Schema, fake implementation, autograd registration and tracing agree with the real op."""
+    base = _quantized_linear(48, 64, "nf4", True, True)
+    x = torch.randn(20, 64, dtype=torch.bfloat16, requires_grad=True)
+    a = (torch.randn(8, 64) * 0.1).to(torch.bfloat16).requires_grad_()
+    b = (torch.randn(48, 8) * 0.1).to(torch.bfloat16).requires_grad_()
+    operands = fused_lora.frozen_operands(base, x, torch.bfloat16)
+    torch.library.opcheck(torch.ops.finetune.lora_linear.default,
+                          (x, *operands, a, b, torch.tensor(3, dtype=torch.int32), 0.0, 2.0))
 
 
 def _batch(tokenizer) -> dict:
@@ -238,6 +265,8 @@ def test_with_dropout_fused_layers_give_the_reference_loss_and_gradients(tiny_ll
 
     fused_loss, fused_grads = step(7)
     other_loss, _ = step(8)
+    # the reference: each layer's frozen forward, then the adapter through the reference down-projection
+    monkeypatch.setattr(fused_lora, "frozen_operands", lambda *args: None)
     monkeypatch.setattr(fused_lora, "lora_down", reference_down)
     reference_loss, reference_grads = step(7)
     torch.testing.assert_close(fused_loss, reference_loss, rtol=2e-3, atol=0)

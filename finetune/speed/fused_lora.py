@@ -239,22 +239,30 @@ def _lora_linear_grad(ctx, grad_out, _grad_u):
 lora_linear.register_autograd(_lora_linear_grad, setup_context=_lora_linear_setup)
 
 
-def frozen_operands(base: torch.nn.Module, dtype: torch.dtype) -> tuple | None:
+def frozen_operands(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple | None:
     """lora_linear's arguments for the frozen layer `base` (weight .. shape, then its bias), or None when
-    lora_linear does not compute it as the layer itself would: a bitsandbytes 4-bit layer computing in
-    `dtype`, or a plain linear layer whose weight is of `dtype`."""
+    lora_linear would not compute what the layer's own forward does with x: it must be a bitsandbytes
+    4-bit layer computing in `dtype` (its weight packed as bitsandbytes' own matmul reads it, [out, in])
+    or a plain linear layer whose weight is of `dtype`; frozen, bias included (lora_linear gives them no
+    gradient); on x's device; with no hooks around its forward (accelerate's offload hooks bring the
+    weights there)."""
     import bitsandbytes as bnb
 
-    bias = base.bias
-    if bias is not None and bias.dtype != dtype:
+    weight, bias = base.weight, base.bias
+    if (x.dtype != dtype or weight.device != x.device or weight.requires_grad
+            or (bias is not None and (bias.dtype != dtype or bias.requires_grad))
+            or hasattr(base, "_hf_hook") or base._forward_hooks or base._forward_pre_hooks):
         return None
-    if type(base) is torch.nn.Linear and base.weight.dtype == dtype and type(base.weight.data) is torch.Tensor:
-        return base.weight, None, None, None, None, None, "", 0, 0, list(base.weight.shape), bias
-    state = getattr(base.weight, "quant_state", None)
-    if not isinstance(base, bnb.nn.Linear4bit) or base.compute_dtype != dtype or state is None:
+    if type(base) is torch.nn.Linear:
+        return (weight, None, None, None, None, None, "", 0, 0, list(weight.shape), bias) \
+            if weight.dtype == dtype and type(weight.data) is torch.Tensor else None
+    state = getattr(weight, "quant_state", None)
+    if (type(base) is not bnb.nn.Linear4bit or base.compute_dtype != dtype or state is None
+            or getattr(state, "packing_format_for_cpu", False)
+            or list(state.shape) != [base.out_features, base.in_features]):
         return None
     nested = state.state2 if state.nested else None
-    return (base.weight, state.absmax, state.code, nested and nested.absmax, nested and nested.code,
+    return (weight, state.absmax, state.code, nested and nested.absmax, nested and nested.code,
             state.offset if nested else None, state.quant_type, state.blocksize, nested.blocksize if nested else 0,
             list(state.shape), bias)
 
@@ -294,7 +302,7 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapter = adapters[0]
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else a.dtype
-        frozen = frozen_operands(self.get_base_layer(), dtype) if x.dtype == dtype else None
+        frozen = frozen_operands(self.base_layer, x, dtype)
         if frozen is not None:
             p, seed = _dropout_and_seed(self, adapter, x)
             out, _ = lora_linear(flat.contiguous(), *frozen, a.to(dtype), b.to(dtype), seed, p, self.scaling[adapter])
