@@ -421,9 +421,10 @@ class SpeedConfig:
     (finetune/speed/host_embeddings.py): vocab x hidden x 2 B (bf16) less GPU memory. Not for tied output heads."""
     fused_lora: bool = False
     """LoRA's low-rank path in Triton kernels (finetune/speed/fused_lora.py): the dropout mask is applied
-    inside the down-projection's kernel, so no dropped copy of each layer's input is written, and the
-    up-projection is added by the frozen output's own matmul. Same distribution of dropout masks,
-    other draws (a hash of seed and position); needs a CUDA GPU."""
+    inside the down-projection's kernel, so no dropped copy of each layer's input is written; a layer
+    over a frozen 4-bit or plain layer runs as one op whose frozen matmul adds itself to the adapter's
+    term in place, its 4-bit weight dequantized by one kernel (finetune/speed/dequant_kernels.py). Same
+    distribution of dropout masks, other draws (a hash of seed and position); needs a CUDA GPU."""
 
     def problems(self) -> list[str]:
         p = []
