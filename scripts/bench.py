@@ -482,12 +482,13 @@ def gpu_busy(profiler, trace_path: str | None) -> str:
     """How much of the profiled steps' wall time the GPU spent running kernels and copies (the union of
     their intervals): what CUDA graphs or fewer syncs could still win is the rest. The Chrome trace is
     kept at `trace_path` when given (FINETUNE_BENCH_TRACE)."""
-    path = trace_path or tempfile.mktemp(suffix=".json")
-    profiler.export_chrome_trace(path)
-    events = json.loads(Path(path).read_text())["traceEvents"]
-    if not trace_path:
-        os.unlink(path)
-    steps = [e for e in events if e.get("name", "").startswith("ProfilerStep#") and e.get("ph") == "X"]
+    with tempfile.TemporaryDirectory() as scratch:
+        path = trace_path or str(Path(scratch) / "trace.json")
+        profiler.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    # each step is annotated twice, on the host and on the GPU's timeline: the host's spans the step
+    steps = [e for e in events
+             if e.get("name", "").startswith("ProfilerStep#") and e.get("cat") == "user_annotation"]
     gpu = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X")
     start, end = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
