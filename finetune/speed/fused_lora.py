@@ -10,8 +10,13 @@ its own. Here:
 - the down-projection is one Triton kernel (finetune/speed/lora_kernels.py) that applies the dropout
   mask to x while its tile is loaded: the dropped copy never exists, and backward's two kernels
   (gradient of A, gradient of x) recompute the mask the same way from the call's seed;
-- the up-projection is added into the frozen layer's output by the matmul itself (`addmm`), so the
-  full-width result is written once, not three times.
+- with one adapter over a frozen 4-bit or plain layer, the whole layer is one op (lora_linear): the
+  up-projection's [M, N] term is written first and the frozen matmul adds itself to it in place
+  (beta = 1), and backward writes the adapter's share of x's gradient and lets the frozen matmul add
+  its own, so neither full-width result is copied or added in a pass of its own; a 4-bit weight is
+  dequantized by one Triton kernel (finetune/speed/dequant_kernels.py) on a GPU;
+- otherwise (several adapters, a trained bias, hooks around the frozen layer) the frozen layer runs
+  its own forward and the up-projection is added by one `addmm` per adapter.
 
 The dropout keeps each element with probability 1 - p and scales by 1 / (1 - p), as nn.Dropout does,
 from a fresh seed per call; the mask is a hash of (seed, row, column), so its draws differ from
