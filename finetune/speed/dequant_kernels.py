@@ -96,18 +96,26 @@ def _(packed, absmax, code, blocksize, rows, cols, dtype, nested_absmax=None, ne
     return packed.new_empty(rows, cols, dtype=dtype)
 
 
+def quant_state_operands(quant_state) -> tuple:
+    """A bitsandbytes 4-bit QuantState as the training step's kernels take it: (absmax, code,
+    nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize, shape), the nested
+    entries None (and 0) without double quantization. The step's one-op LoRA layer
+    (finetune.speed.fused_lora.frozen_operands) and dequantize_4bit below both unpack it here, so what
+    scripts/dequant_check.py and tests/test_dequant_4bit.py check bit for bit is what the step runs."""
+    nested = quant_state.state2 if quant_state.nested else None
+    return (quant_state.absmax, quant_state.code, nested and nested.absmax, nested and nested.code,
+            quant_state.offset if nested else None, quant_state.quant_type, quant_state.blocksize,
+            nested.blocksize if nested else 0, list(quant_state.shape))
+
+
 def dequantize_4bit(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """bitsandbytes.functional.dequantize_4bit(packed, quant_state) by the op: the weight of
     quant_state.shape and quant_state.dtype."""
-    shape = tuple(quant_state.shape)
+    absmax, code, nested_absmax, nested_code, offset, _, blocksize, nested_blocksize, shape = \
+        quant_state_operands(quant_state)
     rows = shape[0] if shape else 1
     cols = math.prod(shape) // rows if rows else 0
-    nested = {}
-    if quant_state.nested:
-        state2 = quant_state.state2
-        nested = dict(nested_absmax=state2.absmax, nested_code=state2.code.to(packed.device),
-                      offset=quant_state.offset.reshape(1).float(), nested_blocksize=state2.blocksize)
-    out = dequantize_4bit_op(packed, quant_state.absmax, quant_state.code.to(packed.device, torch.float32),
-                             quant_state.blocksize, rows, cols, quant_state.dtype, **nested).view(shape)
+    out = dequantize_4bit_op(packed, absmax, code, blocksize, rows, cols, quant_state.dtype, nested_absmax,
+                             nested_code, offset, nested_blocksize or 256).view(shape)
     # bitsandbytes' shim for a weight packed as [1, bytes] (the transposed layout): the result transposed
     return out.t() if packed.shape[0] == 1 else out

@@ -266,10 +266,9 @@ def frozen_operands(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) 
             or getattr(state, "packing_format_for_cpu", False)
             or list(state.shape) != [base.out_features, base.in_features]):
         return None
-    nested = state.state2 if state.nested else None
-    return (weight, state.absmax, state.code, nested and nested.absmax, nested and nested.code,
-            state.offset if nested else None, state.quant_type, state.blocksize, nested.blocksize if nested else 0,
-            list(state.shape), bias)
+    from finetune.speed.dequant_kernels import quant_state_operands
+
+    return weight, *quant_state_operands(state), bias
 
 
 def fusable(layer: torch.nn.Module) -> bool:
