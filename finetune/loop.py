@@ -85,6 +85,18 @@ def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
+def _skips_non_finite_on_device(optimizer) -> bool:
+    """Whether the optimizer skips its update itself, on the device, given a found_inf flag: PyTorch's
+    fused AdamW (build_optimizer's choice when the adapters share one device) does."""
+    from torch.distributed.tensor import DTensor
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    params = [p for group in inner.param_groups for p in group["params"]]
+    # FSDP2's sharded parameters (DTensors) would need the flag as one too
+    return (type(inner) is torch.optim.AdamW and bool(inner.defaults.get("fused"))
+            and not any(isinstance(p, DTensor) for p in params))
+
+
 def build_scheduler(optimizer, t: TrainConfig):
     """The LR schedule, counted in optimizer steps."""
     return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps_for_run(), num_training_steps=t.max_steps)
@@ -127,14 +139,23 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accele
             metrics_all[name] = metrics_all.get(name, 0) + value.double()
 
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    grad_norm = torch.as_tensor(grad_norm).to(loss_all).reshape(())
     sums = [accelerator.reduce(value, reduction="sum") for value in (loss_all, *metrics_all.values())]
+    scaler = accelerator.scaler
+    skips_on_device = scaler is None and _skips_non_finite_on_device(optimizer)
+    if skips_on_device:
+        # Queued before the host reads the step's numbers, so the GPU runs the update while the host
+        # waits for them (launched after, the GPU idles until the launch): fused AdamW leaves
+        # everything as it was when found_inf is set, as it does for a grad scaler.
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(sums[0]))).float()
+        optimizer.step()
+        del inner.found_inf
     # One copy to the host for all of them: each waits for the GPU, and the GPU then waits for the next launch.
-    grad_norm, loss, *metric_values = torch.stack([torch.as_tensor(grad_norm).to(loss_all).reshape(()),
-                                                   *sums]).tolist()
+    grad_norm, loss, *metric_values = torch.stack([grad_norm, *sums]).tolist()
     metrics = dict(zip(metrics_all, metric_values))
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    scaler = accelerator.scaler
-    if finite or scaler is not None:
+    if (finite or scaler is not None) and not skips_on_device:
         # With an fp16 grad scaler this runs on non-finite steps too: the scaler then skips the update
         # itself and lowers its scale (it must see every step, or it never recovers).
         optimizer.step()
