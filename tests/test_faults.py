@@ -156,6 +156,48 @@ def test_non_finite_loss_stops_the_run_and_no_adapter_is_saved(tiny_llama, instr
         assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_a_non_finite_step_leaves_adapter_optimizer_and_schedule_as_they_were():
+    # Fused AdamW's update is queued before the host reads the loss (finetune.loop.train_step) and
+    # skipped on the device: the parameters, both moments, the step count and the LR must all stay.
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune.config import SpeedConfig, TrainConfig
+    from finetune.loop import _skips_non_finite_on_device, build_optimizer, build_scheduler, train_step
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    params = list(model.parameters())
+    train = TrainConfig(warmup_steps=0, lr_scheduler="linear", max_steps=10)
+    optimizer = build_optimizer(params, train)
+    scheduler = build_scheduler(optimizer, train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    assert _skips_non_finite_on_device(optimizer)
+    ids = torch.randint(0, 31, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def step():
+        return train_step(model, optimizer, scheduler, [batch], accelerator=accelerator, params=params,
+                          speed=SpeedConfig(loss_chunk_size=0), max_grad_norm=1.0)
+
+    assert step().finite  # the moments exist and are not zero
+    state = lambda: [p.detach().clone() for p in params] + [  # noqa: E731
+        t.clone() for p in params for t in optimizer.state[p].values()]
+    before, lr = state(), scheduler.get_last_lr()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[ids[0, 0]] = float("nan")
+    outcome = step()
+    assert not outcome.finite
+    after = state()
+    with torch.no_grad():  # the poisoned row is the only change: the update was skipped
+        model.get_input_embeddings().weight[ids[0, 0]] = before[0][ids[0, 0]]
+    after[0] = params[0].detach()
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and scheduler.get_last_lr() == lr
+    assert step().finite and not torch.equal(params[1], before[1])  # and the next finite step updates
+
+
 def test_an_adapter_that_never_learned_is_not_saved(tiny_llama, instruction_file, cache_dir, tmp_path):
     # lr=1e-50 underflows to a zero update in float32: LoRA B never leaves its zero initialization.
     out = tmp_path / "run"
