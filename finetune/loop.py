@@ -372,10 +372,12 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
             tok_s = launch.steady_tokens_per_s() or launch.tokens_per_s()
             state.history.append([step, {"lr": lr, "tokens_per_s": tok_s, **outcome.metrics}])  # for curves.png
             if step % t.log_every == 0 or step == t.max_steps:
-                progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                peak = peak_memory_gib(device)[0]  # so far: which step reached the run's peak shows in the log
+                progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                                     peak=f"{peak:.2f}GiB")
                 accelerator.log({"train/loss": outcome.loss, "train/lr": lr, "train/grad_norm": outcome.grad_norm,
-                                 "train/tokens_per_s": tok_s, **{f"train/{k}": v for k, v in outcome.metrics.items()}},
-                                step=step)
+                                 "train/tokens_per_s": tok_s, "train/peak_memory_gib": peak,
+                                 **{f"train/{k}": v for k, v in outcome.metrics.items()}}, step=step)
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and data.eval is not None:
             eval_loss = evaluate(model, eval_batches(data, t, collate, accelerator), accelerator, cfg.speed, objective)
             state.evals.append([step, eval_loss])
