@@ -57,17 +57,17 @@ def _splits(length: int, block: int, other_blocks: int, x: torch.Tensor) -> tupl
     return -(-length // per_split), per_split
 
 
-def _shared_arguments(p: float, r: int, x: torch.Tensor) -> dict:
-    """The dropout, rank and precision arguments every kernel takes. fp32 inputs get exact fp32 dot
-    products (not TF32); off the GPU (Triton's interpreter) dot products run in fp32."""
-    return dict(threshold=-2**31 + round(p * 2**32), scale=1.0 / (1.0 - p), R=r, R_PAD=max(16, 1 << (r - 1).bit_length()),
+def _shared_arguments(p: float, r: int, x: torch.Tensor, scaling: float) -> dict:
+    """The dropout, scale, rank and precision arguments every kernel takes. fp32 inputs get exact fp32
+    dot products (not TF32); off the GPU (Triton's interpreter) dot products run in fp32."""
+    return dict(threshold=-2**31 + round(p * 2**32), scale=scaling / (1.0 - p), R=r, R_PAD=max(16, 1 << (r - 1).bit_length()),
                 DROPOUT=p > 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=not x.is_cuda)
 
 
 @torch.library.custom_op("finetune::lora_down", mutates_args=())
-def lora_down(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """dropout(x, p) @ weight.T for x [M, K] and weight [R, K], the dropout mask drawn from `seed`,
-    summed in fp32 over splits of the columns."""
+def lora_down(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float, scaling: float = 1.0) -> torch.Tensor:
+    """scaling * dropout(x, p) @ weight.T in x's dtype for x [M, K] and weight [R, K] (of any float
+    dtype), the dropout mask drawn from `seed`, summed in fp32 over splits of the columns."""
     from finetune.speed import lora_kernels as k
 
     m, width = x.shape
@@ -77,18 +77,20 @@ def lora_down(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: floa
     splits, cols_per_split = _splits(width, launch["BLOCK_K"], row_blocks, x)
     partial = torch.empty(splits, m, r, device=x.device, dtype=torch.float32)
     k.lora_down_kernel[(row_blocks, splits)](x, weight, partial, seed, m, width, cols_per_split, **launch,
-                                             **_shared_arguments(p, r, x))
+                                             **_shared_arguments(p, r, x, scaling))
     return partial.sum(0).to(x.dtype)
 
 
 @lora_down.register_fake
-def _(x, weight, seed, p):
+def _(x, weight, seed, p, scaling=1.0):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("finetune::lora_down_grad_input", mutates_args=())
-def lora_down_grad_input(grad_u: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """The gradient of lora_down with respect to x: (grad_u @ weight) through the same mask."""
+def lora_down_grad_input(grad_u: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float,
+                         scaling: float = 1.0) -> torch.Tensor:
+    """The gradient of lora_down with respect to x: scaling * (grad_u @ weight) through the same mask, in
+    grad_u's dtype."""
     from finetune.speed import lora_kernels as k
 
     m, r = grad_u.shape
@@ -96,19 +98,20 @@ def lora_down_grad_input(grad_u: torch.Tensor, weight: torch.Tensor, seed: torch
     grad_x = grad_u.new_empty(m, width)
     launch = LAUNCH["grad_input"]
     k.lora_down_grad_input_kernel[(-(-m // launch["BLOCK_M"]), -(-width // launch["BLOCK_K"]))](
-        grad_u, weight, grad_x, seed, m, width, **launch, **_shared_arguments(p, r, grad_u))
+        grad_u, weight, grad_x, seed, m, width, **launch, **_shared_arguments(p, r, grad_u, scaling))
     return grad_x
 
 
 @lora_down_grad_input.register_fake
-def _(grad_u, weight, seed, p):
+def _(grad_u, weight, seed, p, scaling=1.0):
     return grad_u.new_empty(grad_u.shape[0], weight.shape[1])
 
 
 @torch.library.custom_op("finetune::lora_down_grad_weight", mutates_args=())
-def lora_down_grad_weight(grad_u: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """The gradient of lora_down with respect to weight: grad_u.T @ dropout(x), in fp32, summed over
-    splits of the rows."""
+def lora_down_grad_weight(grad_u: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, p: float,
+                          scaling: float = 1.0) -> torch.Tensor:
+    """The gradient of lora_down with respect to weight: scaling * grad_u.T @ dropout(x), in fp32, summed
+    over splits of the rows."""
     from finetune.speed import lora_kernels as k
 
     m, r = grad_u.shape
@@ -118,27 +121,28 @@ def lora_down_grad_weight(grad_u: torch.Tensor, x: torch.Tensor, seed: torch.Ten
     splits, rows_per_split = _splits(m, launch["BLOCK_M"], column_blocks, x)
     partial = torch.empty(splits, r, width, device=x.device, dtype=torch.float32)
     k.lora_down_grad_weight_kernel[(column_blocks, splits)](
-        grad_u, x, partial, seed, m, width, rows_per_split, **launch, **_shared_arguments(p, r, x))
+        grad_u, x, partial, seed, m, width, rows_per_split, **launch, **_shared_arguments(p, r, x, scaling))
     return partial.sum(0)
 
 
 @lora_down_grad_weight.register_fake
-def _(grad_u, x, seed, p):
+def _(grad_u, x, seed, p, scaling=1.0):
     return x.new_empty(grad_u.shape[1], x.shape[1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, seed, p = inputs
+    x, weight, seed, p, scaling = inputs
     ctx.save_for_backward(x, weight, seed)
-    ctx.p = p
+    ctx.p, ctx.scaling = p, scaling
 
 
 def _backward(ctx, grad_u):
     x, weight, seed = ctx.saved_tensors
     grad_u = grad_u.contiguous()
-    grad_x = lora_down_grad_input(grad_u, weight, seed, ctx.p) if ctx.needs_input_grad[0] else None
-    grad_w = lora_down_grad_weight(grad_u, x, seed, ctx.p).to(weight.dtype) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w, None, None
+    grad_x = lora_down_grad_input(grad_u, weight, seed, ctx.p, ctx.scaling) if ctx.needs_input_grad[0] else None
+    grad_w = (lora_down_grad_weight(grad_u, x, seed, ctx.p, ctx.scaling).to(weight.dtype)
+              if ctx.needs_input_grad[1] else None)
+    return grad_x, grad_w, None, None, None
 
 
 lora_down.register_autograd(_backward, setup_context=_setup_context)
@@ -172,15 +176,17 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | No
                 lora_a: torch.Tensor, lora_b: torch.Tensor, seed: torch.Tensor, p: float,
                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x @ W.T + bias + scaling * dropout(x, p) @ A.T @ B.T for x [M, K] and the frozen W [N, K] (see
-    frozen_weight), all in x's dtype; returns it and u = dropout(x) @ A.T, which backward needs.
+    frozen_weight), in x's dtype; returns it and u = scaling * dropout(x) @ A.T, which backward needs.
+    A and B come in their own dtype (an fp32 adapter under autocast) and their gradients go back in it.
 
     The low-rank term is written first and the frozen matmul adds itself to it in place (a GEMM with
     beta = 1 reads it in its epilogue): the [M, N] output is written once, where adding the
     adapter's term after the frozen matmul reads and writes it twice more (and `addmm` copies it once
-    before that)."""
+    before that). The scaling rides in the down-projection kernel's own scale, and A is rounded to
+    x's dtype as the kernel loads it: each would otherwise be a kernel of its own per layer and step."""
     with torch.autocast(x.device.type, enabled=False):
-        u = lora_down(x, lora_a, seed, p)
-        low_rank_b = (lora_b * scaling).t()
+        u = lora_down(x, lora_a, seed, p, scaling)
+        low_rank_b = lora_b.to(x.dtype).t()
         out = torch.mm(u, low_rank_b) if bias is None else torch.addmm(bias, u, low_rank_b)
         w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
                           nested_blocksize, shape, x.dtype)
@@ -200,15 +206,16 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tenso
                          nested_blocksize: int, shape: list[int], lora_a: torch.Tensor, lora_b: torch.Tensor,
                          seed: torch.Tensor, p: float, scaling: float,
                          input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of lora_linear with respect to x, A and B (x's is empty without `input_grad`). The
-    adapter's share of x's gradient is written first and the frozen matmul's adds itself to it in place."""
+    """The gradients of lora_linear with respect to x, A and B (x's is empty without `input_grad`), A's
+    and B's in their own dtype, summed in fp32. The adapter's share of x's gradient is written first
+    and the frozen matmul's adds itself to it in place."""
     with torch.autocast(x.device.type, enabled=False):
-        grad_u = torch.mm(grad_out, lora_b * scaling)
-        grad_b = torch.mm(grad_out.t(), u) * scaling
-        grad_a = lora_down_grad_weight(grad_u, x, seed, p).to(lora_a.dtype)
+        grad_u = torch.mm(grad_out, lora_b.to(x.dtype))  # of u, which carries the scaling
+        grad_b = _mm_in_fp32(grad_out.t(), u).to(lora_b.dtype)
+        grad_a = lora_down_grad_weight(grad_u, x, seed, p, scaling).to(lora_a.dtype)
         if not input_grad:
             return x.new_empty(0), grad_a, grad_b
-        grad_x = lora_down_grad_input(grad_u, lora_a, seed, p)
+        grad_x = lora_down_grad_input(grad_u, lora_a, seed, p, scaling)
         w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
                           nested_blocksize, shape, x.dtype)
         return grad_x.addmm_(grad_out, w), grad_a, grad_b
@@ -218,6 +225,14 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tenso
 def _(grad_out, x, u, weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
       nested_blocksize, shape, lora_a, lora_b, seed, p, scaling, input_grad):
     return x.new_empty(x.shape if input_grad else (0,)), torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _mm_in_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b summed and returned in fp32: on a GPU one GEMM of a's dtype with an fp32 output (a bf16
+    result would be rounded, then cast in a kernel of its own); elsewhere in fp32 throughout."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
 
 
 # lora_linear's arguments after x that describe the frozen layer: tensors (weight .. offset), then settings
@@ -309,7 +324,7 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         frozen = frozen_operands(self.base_layer, x, dtype)
         if frozen is not None:
             p, seed = _dropout_and_seed(self, adapter, x)
-            out, _ = lora_linear(flat.contiguous(), *frozen, a.to(dtype), b.to(dtype), seed, p, self.scaling[adapter])
+            out, _ = lora_linear(flat.contiguous(), *frozen, a, b, seed, p, self.scaling[adapter])
             return out.view(*x.shape[:-1], out.shape[-1])
     result = self.base_layer(x, *args, **kwargs)
     out = result.reshape(-1, result.shape[-1])

@@ -1,10 +1,12 @@
 """Triton kernels for LoRA's down-projection with its dropout (finetune/speed/fused_lora.py holds the ops).
 
-    u      = (x * keep / (1 - p)) @ A.T                       lora_down_kernel (per column split)
-    grad_A = grad_u.T @ (x * keep / (1 - p))                  lora_down_grad_weight_kernel (per row split)
-    grad_x = (grad_u @ A) * keep / (1 - p)                    lora_down_grad_input_kernel
+    u      = (x * keep * scale) @ A.T                         lora_down_kernel (per column split)
+    grad_A = grad_u.T @ (x * keep * scale)                    lora_down_grad_weight_kernel (per row split)
+    grad_x = (grad_u @ A) * keep * scale                      lora_down_grad_input_kernel
 
-x is [M, K] (tokens x in features), A [R, K], u and grad_u [M, R]. The dropout mask is never stored:
+x is [M, K] (tokens x in features), A [R, K], u and grad_u [M, R]; scale is 1 / (1 - p), times LoRA's
+scaling where the caller folds it in. A is read in its own dtype (an fp32 adapter) and rounded to x's
+in registers, so no rounded copy of it is written first. The dropout mask is never stored:
 each kernel recomputes an element's keep bit from (seed, row, column) while its tile of x or grad_x is
 in registers, so the dropped copy of x that nn.Dropout writes (and that backward reads again) never
 exists. The keep bit is murmur3's 32-bit finalizer of the row's hash and the column, compared with a
@@ -73,7 +75,7 @@ def lora_down_kernel(x_ptr, a_ptr, part_ptr, seed_ptr, M, K, cols_per_split, thr
         if DROPOUT:
             x = tl.where(kept(row_hash, cols, threshold), x, 0.0).to(x_ptr.dtype.element_ty)
         a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < end),
-                    other=0.0)
+                    other=0.0).to(x_ptr.dtype.element_ty)
         acc = mma(x, a, acc, PRECISION, UPCAST)
     tl.store(part_ptr + split * M * R + rows[:, None] * R + ranks[None, :], acc * scale,
              mask=row_in[:, None] & (ranks[None, :] < R))
@@ -115,7 +117,8 @@ def lora_down_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, threshold
     row_in = rows < M
     col_in = cols < K
     g = tl.load(g_ptr + rows[:, None] * R + ranks[None, :], mask=row_in[:, None] & (ranks[None, :] < R), other=0.0)
-    a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & col_in[None, :], other=0.0)
+    a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & col_in[None, :],
+                other=0.0).to(g_ptr.dtype.element_ty)
     y = mma(g, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, UPCAST) * scale
     if DROPOUT:
         y = tl.where(kept(row_hashes(seed_ptr, rows), cols, threshold), y, 0.0)
