@@ -2,6 +2,7 @@
 
     python scripts/fused_lora_check.py            # checks, then each kernel's time at llama3-8b shapes
     python scripts/fused_lora_check.py --sweep    # and the time of each tile setting, best first
+    python scripts/fused_lora_check.py --p 0      # times without dropout: what the mask's hash costs
 
 Checks: the dropout mask equals the hash written out in torch integer arithmetic (bit for bit); output,
 input gradient and weight gradient match torch's matmuls through that mask. Times: each kernel alone
@@ -37,9 +38,11 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 
 def torch_keep(rows: int, columns: int, seed: int, p: float, device) -> torch.Tensor:
     r = torch.arange(rows, device=device, dtype=torch.int32)
+    c = torch.arange(columns, device=device, dtype=torch.int32)
     row_hash = _fmix32(r.view(-1, 1) * (0x9E3779B9 - 2**32) + seed)
-    h = _fmix32(row_hash ^ (torch.arange(columns, device=device, dtype=torch.int32) * 0x27D4EB2F))
-    return h >= -2**31 + round(p * 2**32)
+    h = _fmix32(row_hash ^ ((c >> 1) * 0x27D4EB2F))
+    bits = (h >> ((c & 1) * 16)) & 0xFFFF  # a column pair's low 16 bits, then its high 16
+    return bits >= round(fused_lora.mask_probability(p) * 2**16)
 
 
 def check(device) -> None:
@@ -54,8 +57,9 @@ def check(device) -> None:
         g = torch.randn(TOKENS, RANK, device=device, dtype=torch.bfloat16)
         seed = torch.tensor(2024, dtype=torch.int32, device=device)
         keep = torch_keep(TOKENS, width, 2024, P, device)
-        dropped = x.float() * keep / (1 - P)
-        expect = {"u": dropped @ a.float().T, "grad_x": (g.float() @ a.float()) * keep / (1 - P),
+        scale = 1 / (1 - fused_lora.mask_probability(P))
+        dropped = x.float() * keep * scale
+        expect = {"u": dropped @ a.float().T, "grad_x": (g.float() @ a.float()) * keep * scale,
                   "grad_a": g.float().T @ dropped}
         got = {"u": lora_down(x, a, seed, P).float(), "grad_x": lora_down_grad_input(g, a, seed, P).float(),
                "grad_a": lora_down_grad_weight(g, x, seed, P)}
@@ -91,36 +95,37 @@ def _time(fn, calls: int = 10) -> float:
     return statistics.median(times)
 
 
-def kernel_times(device, width: int) -> dict[str, float]:
+def kernel_times(device, width: int, p: float = P) -> dict[str, float]:
     x = torch.randn(TOKENS, width, device=device, dtype=torch.bfloat16)
     a = torch.randn(RANK, width, device=device, dtype=torch.bfloat16)
     g = torch.randn(TOKENS, RANK, device=device, dtype=torch.bfloat16)
     seed = torch.tensor(7, dtype=torch.int32, device=device)
-    return {"down": _time(lambda: lora_down(x, a, seed, P)),
-            "grad_input": _time(lambda: lora_down_grad_input(g, a, seed, P)),
-            "grad_weight": _time(lambda: lora_down_grad_weight(g, x, seed, P))}
+    return {"down": _time(lambda: lora_down(x, a, seed, p)),
+            "grad_input": _time(lambda: lora_down_grad_input(g, a, seed, p)),
+            "grad_weight": _time(lambda: lora_down_grad_weight(g, x, seed, p))}
 
 
-def torch_times(device, width: int) -> dict[str, float]:
+def torch_times(device, width: int, p: float = P) -> dict[str, float]:
     """The same three products in torch, dropout by torch (as PEFT's layers do it, uncompiled)."""
     x = torch.randn(TOKENS, width, device=device, dtype=torch.bfloat16)
     a = torch.randn(RANK, width, device=device, dtype=torch.bfloat16)
     g = torch.randn(TOKENS, RANK, device=device, dtype=torch.bfloat16)
     drop = torch.nn.functional.dropout
-    return {"down": _time(lambda: drop(x, P) @ a.T), "grad_input": _time(lambda: drop(g @ a, P)),
-            "grad_weight": _time(lambda: g.T @ drop(x, P))}
+    return {"down": _time(lambda: drop(x, p) @ a.T), "grad_input": _time(lambda: drop(g @ a, p)),
+            "grad_weight": _time(lambda: g.T @ drop(x, p))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="time every tile setting of each kernel")
+    parser.add_argument("--p", type=float, default=P, help=f"the dropout probability timed (default {P})")
     args = parser.parse_args()
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     check(device)
     bytes_per = {w: TOKENS * w * 2 for w in SHAPES.values()}
     for name, width in SHAPES.items():
-        ours, plain = kernel_times(device, width), torch_times(device, width)
+        ours, plain = kernel_times(device, width, args.p), torch_times(device, width, args.p)
         for kernel in ours:
             print(f"{name}: {kernel:12s} {ours[kernel] * 1e6:7.1f} us ({bytes_per[width] / ours[kernel] / 1e9:6.0f} GB/s)"
                   f"   torch {plain[kernel] * 1e6:7.1f} us")
@@ -132,7 +137,7 @@ def main() -> None:
         for block_m, block_k, warps, stages in itertools.product([16, 32, 64, 128], [64, 128, 256], [4, 8], [1, 3]):
             fused_lora.LAUNCH[kernel] = dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
             try:
-                total = sum(kernel_times(device, w)[kernel] for w in SHAPES.values())
+                total = sum(kernel_times(device, w, args.p)[kernel] for w in SHAPES.values())
             except Exception as e:  # a tile too large for shared memory
                 print(f"  {kernel} {block_m}x{block_k} w{warps}: {type(e).__name__}")
                 continue
@@ -145,7 +150,7 @@ def main() -> None:
             fused_lora.LAUNCH[kernel] = dict(zip(("BLOCK_M", "BLOCK_K", "num_warps", "num_stages"), results[0][1:]))
             for waves in [0, 1, 2, 4, 8]:  # 0: no split
                 fused_lora.WAVES = waves
-                total = sum(kernel_times(device, w)[kernel] for w in SHAPES.values())
+                total = sum(kernel_times(device, w, args.p)[kernel] for w in SHAPES.values())
                 print(f"  at the best tiles, WAVES={waves}: {total * 1e6:.1f} us")
             fused_lora.WAVES = WAVES
         fused_lora.LAUNCH[kernel] = chosen[kernel]

@@ -35,13 +35,20 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 def reference_keep(rows: int, columns: int, seed: int, p: float) -> torch.Tensor:
     """The keep mask in unsigned 32-bit numpy arithmetic, from the hash's definition: murmur3's finalizer
-    of (row's finalized hash with the seed) xor (column x constant), kept at or above p of the range."""
+    of (row's finalized hash with the seed) xor (column pair x constant), whose low 16 bits decide the
+    pair's even column and high 16 bits its odd one, kept at or above p's share of 2**16."""
+    columns_ = np.arange(columns, dtype=np.uint32)
     with np.errstate(over="ignore"):
         row_hash = _fmix32(np.arange(rows, dtype=np.uint32)[:, None] * np.uint32(0x9E3779B9)
                            + np.uint32(seed % 2**32))
-        h = _fmix32(row_hash ^ (np.arange(columns, dtype=np.uint32) * np.uint32(0x27D4EB2F)))
-    # the kernels compare the hash as a signed int32: flipping the top bit orders it the same way unsigned
-    return torch.from_numpy((h ^ np.uint32(2**31)) >= np.uint32(round(p * 2**32)))
+        h = _fmix32(row_hash ^ ((columns_ >> np.uint32(1)) * np.uint32(0x27D4EB2F)))
+    bits = (h >> ((columns_ & np.uint32(1)) * np.uint32(16))) & np.uint32(0xFFFF)
+    return torch.from_numpy(bits >= np.uint32(round(fused_lora.mask_probability(p) * 2**16)))
+
+
+def kept_scale(p: float) -> float:
+    """What a kept element is multiplied by: 1 / (1 - p), p as the kernels round it."""
+    return 1 / (1 - fused_lora.mask_probability(p))
 
 
 class ReferenceDown(torch.autograd.Function):
@@ -50,7 +57,7 @@ class ReferenceDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, seed, p):
         keep = reference_keep(x.shape[0], x.shape[1], int(seed), p).to(x.device)
-        dropped = (x.float() * keep / (1 - p))
+        dropped = x.float() * keep * kept_scale(p)
         ctx.save_for_backward(dropped, weight, keep)
         ctx.p = p
         return (dropped @ weight.float().T).to(x.dtype)
@@ -58,7 +65,7 @@ class ReferenceDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_u):
         dropped, weight, keep = ctx.saved_tensors
-        grad_x = (grad_u.float() @ weight.float()) * keep / (1 - ctx.p)
+        grad_x = (grad_u.float() @ weight.float()) * keep * kept_scale(ctx.p)
         return grad_x.to(grad_u.dtype), (grad_u.float().T @ dropped).to(weight.dtype), None, None
 
 
@@ -73,7 +80,7 @@ def test_the_kernel_drops_exactly_the_hash_mask(seed):
     u = lora_down(x, torch.eye(16), torch.tensor(seed, dtype=torch.int32), 0.3)
     keep = reference_keep(83, 16, seed, 0.3)
     assert torch.equal(u != 0, keep)
-    torch.testing.assert_close(u[keep], x[keep] / 0.7)
+    torch.testing.assert_close(u[keep], x[keep] * kept_scale(0.3))
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
@@ -119,7 +126,7 @@ def test_both_reductions_add_up_over_several_splits():
     column_splits, _ = fused_lora._splits(1000, down["BLOCK_K"], -(-256 // down["BLOCK_M"]), x)
     row_splits, _ = fused_lora._splits(256, grad_weight["BLOCK_M"], -(-1000 // grad_weight["BLOCK_K"]), x)
     assert column_splits > 1 and row_splits > 1, (column_splits, row_splits)
-    dropped = x * reference_keep(256, 1000, 7, 0.2) / 0.8
+    dropped = x * reference_keep(256, 1000, 7, 0.2) * kept_scale(0.2)
     torch.testing.assert_close(fused_lora.lora_down(x, weight, seed, 0.2), dropped @ weight.T, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused_lora.lora_down_grad_weight(grad_u, x, seed, 0.2), grad_u.T @ dropped,
                                rtol=1e-4, atol=1e-4)

@@ -19,8 +19,9 @@ its own. Here:
   its own forward and the up-projection is added by one `addmm` per adapter.
 
 The dropout keeps each element with probability 1 - p and scales by 1 / (1 - p), as nn.Dropout does,
-from a fresh seed per call; the mask is a hash of (seed, row, column), so its draws differ from
-torch's random stream (as a compiled nn.Dropout's already do). Without dropout the layer computes what
+from a fresh seed per call, p rounded to a multiple of 2**-16 (mask_probability); the mask is a hash
+of (seed, row, column), so its draws differ from torch's random stream (as a compiled nn.Dropout's
+already do). Without dropout the layer computes what
 PEFT's does. Both are tested on the CPU, where Triton's interpreter runs the same kernels
 (TRITON_INTERPRET=1, tests/test_fused_lora.py).
 """
@@ -57,11 +58,21 @@ def _splits(length: int, block: int, other_blocks: int, x: torch.Tensor) -> tupl
     return -(-length // per_split), per_split
 
 
+MASK_STEPS = 2**16  # each keep bit compares 16 bits of the hash with p's share of them
+
+
+def mask_probability(p: float) -> float:
+    """The probability with which the kernels drop an element for dropout p: p rounded to a multiple of
+    2**-16 (at most 1 - 2**-16, so an element is always kept with some chance)."""
+    return min(round(p * MASK_STEPS), MASK_STEPS - 1) / MASK_STEPS
+
+
 def _shared_arguments(p: float, r: int, x: torch.Tensor, scaling: float) -> dict:
     """The dropout, scale, rank and precision arguments every kernel takes. fp32 inputs get exact fp32
     dot products (not TF32); off the GPU (Triton's interpreter) dot products run in fp32."""
-    return dict(threshold=-2**31 + round(p * 2**32), scale=scaling / (1.0 - p), R=r, R_PAD=max(16, 1 << (r - 1).bit_length()),
-                DROPOUT=p > 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=not x.is_cuda)
+    dropped = mask_probability(p)
+    return dict(threshold=round(dropped * MASK_STEPS), scale=scaling / (1.0 - dropped), R=r, R_PAD=max(16, 1 << (r - 1).bit_length()),
+                DROPOUT=dropped > 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=not x.is_cuda)
 
 
 @torch.library.custom_op("finetune::lora_down", mutates_args=())

@@ -9,9 +9,12 @@ scaling where the caller folds it in. A is read in its own dtype (an fp32 adapte
 in registers, so no rounded copy of it is written first. The dropout mask is never stored:
 each kernel recomputes an element's keep bit from (seed, row, column) while its tile of x or grad_x is
 in registers, so the dropped copy of x that nn.Dropout writes (and that backward reads again) never
-exists. The keep bit is murmur3's 32-bit finalizer of the row's hash and the column, compared with a
-threshold: kept with probability 1 - p. int32 products wrap, as the hash needs; `>>` on int32 copies
-the sign bit, so each shift is masked to a logical one.
+exists. The keep bits come from murmur3's 32-bit finalizer of the row's hash and the column pair
+(columns 2j and 2j + 1): its low 16 bits decide column 2j, its high 16 bits column 2j + 1, each kept
+at or above a 16-bit threshold (probability 1 - p, p rounded to a multiple of 2**-16). One hash per
+two elements: the hash's integer arithmetic, not memory, bounded these kernels (scripts/
+fused_lora_check.py --p 0 times them without it; docs/decisions.md). int32 products wrap, as the hash
+needs; `>>` on int32 copies the sign bit, so each shift is masked to a logical one.
 
 Row offsets are int64: at long context M x K passes 2**31.
 """
@@ -41,8 +44,12 @@ def row_hashes(seed_ptr, rows):
 
 @triton.jit
 def kept(row_hash, cols, threshold):
-    """[rows, cols] keep bits: the hash, uniform over int32, at or above the threshold."""
-    return fmix32(row_hash[:, None] ^ (cols * COLUMN)[None, :]) >= threshold
+    """[rows, cols] keep bits, cols consecutive from an even column: one hash per column pair, its low
+    16 bits for the even column and its high 16 bits for the odd one, at or above the threshold."""
+    even, _ = tl.split(tl.reshape(cols, [cols.shape[0] // 2, 2]))
+    h = fmix32(row_hash[:, None] ^ ((even >> 1) * COLUMN)[None, :])
+    low, high = (h & 0xFFFF) >= threshold, ((h >> 16) & 0xFFFF) >= threshold
+    return tl.reshape(tl.join(low, high), [row_hash.shape[0], cols.shape[0]])
 
 
 @triton.jit
