@@ -3,8 +3,15 @@
 A QLoRA step reads only batch x seq rows of the input embedding matrix, which is frozen and stays
 unquantized: vocab x hidden x 2 B on the GPU (0.98 GiB for llama3-8b, as much as a step's
 activations with every block checkpointed and offloaded). Here the matrix lives in pinned host
-memory; each forward gathers the batch's rows on the CPU and sends only those to the GPU
-(batch x seq x hidden x 2 B). The rows are the same numbers, so the loss and gradients are too.
+memory. On a CUDA GPU each forward gathers the batch's rows there, reading the pinned matrix in place
+over the bus (CUDA's unified addressing: a kernel may read pinned host memory through its own
+pointer), so only batch x seq x hidden x 2 B cross and the host never waits for the GPU; elsewhere the
+rows are gathered on the CPU and copied. The rows are the same numbers, so the loss and gradients are
+too.
+
+Why not gather on the CPU for a CUDA step too: the ids are on the GPU by then, so reading them waits
+for the GPU to drain, and the GPU then idles while the CPU gathers and copies; the gather on the GPU
+takes about half that time (scripts/host_embeddings_check.py, docs/decisions.md).
 
 The matrix leaves the module's parameters (it is frozen; nothing optimizes or saves it), so whatever
 asks the model for its device or checks that its parameters share one (transformers' generate, DDP)
@@ -56,8 +63,31 @@ def offload_embeddings(model) -> int:
     emb.finetune_device = emb.weight.device
     emb.finetune_table = table.pin_memory() if torch.cuda.is_available() else table
     del emb.weight  # the module's only reference: the GPU copy is freed
-    emb.forward = types.MethodType(_gather_on_host, emb)
+    emb.finetune_rows = _device_rows(emb.finetune_table, emb.finetune_device)
+    emb.forward = types.MethodType(_gather_on_host if emb.finetune_rows is None else _gather_on_device, emb)
     return table.numel() * table.element_size()
+
+
+def _device_rows(table: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """A tensor on `device` over the pinned table's own host memory, each row as whole 8-, 4- or 2-byte
+    words (a wider load per thread reads the bus better), or None where kernels there cannot read it:
+    not a CUDA device, memory not pinned, or pinned for another device."""
+    if device.type != "cuda" or not table.is_pinned():
+        return None
+    row_bytes = table.shape[1] * table.element_size()
+    word = next(w for w in (torch.int64, torch.int32, torch.int16, torch.int8) if row_bytes % w.itemsize == 0)
+    words = table.view(word)
+    interface = types.SimpleNamespace(__cuda_array_interface__={
+        "shape": tuple(words.shape), "typestr": f"<i{word.itemsize}", "data": (words.data_ptr(), False),
+        "version": 2, "strides": None})
+    rows = torch.as_tensor(interface)  # a view, no copy: torch reads the pointer's device from CUDA
+    return rows if rows.device == device and rows.data_ptr() == table.data_ptr() else None
+
+
+def _gather_on_device(emb, input_ids: torch.Tensor) -> torch.Tensor:
+    table = emb.finetune_table
+    words = torch.index_select(emb.finetune_rows, 0, input_ids.to(emb.finetune_device).reshape(-1))
+    return words.view(table.dtype).view(*input_ids.shape, table.shape[1])
 
 
 def _gather_on_host(emb, input_ids: torch.Tensor) -> torch.Tensor:
