@@ -115,8 +115,11 @@ def _throughput_line(summary: dict) -> str:
     steady = summary.get("steady_tokens_per_s")
     rate = f"{summary['tokens_per_s']:,.0f} tokens/s"
     if steady:  # compiles, CUDA graph recording and cache warm-up are not the rate the run sustains
+        recorded = summary.get("cuda_graphs_record_seconds")
         rate = (f"{steady:,.0f} tokens/s steady state, after {summary['compile_warmup_steps']} warm-up step(s) of "
-                f"{summary['compile_warmup_seconds']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s over every step)")
+                f"{summary['compile_warmup_seconds']:.1f} s"
+                + (f" and CUDA graphs recorded in {recorded:.1f} s before the first" if recorded else "")
+                + f" ({summary['tokens_per_s']:,.0f} tokens/s over every step)")
     return (f"throughput   {rate}; {summary['tokens']:,} tokens in {summary['train_seconds']:.1f} s of training, "
             f"{summary['wall_seconds']:.0f} s wall")
 
