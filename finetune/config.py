@@ -405,7 +405,7 @@ class SpeedConfig:
     cuda_graphs: bool = False
     """With speed.compile on a GPU: replay each compiled block as a CUDA graph, so the GPU does not wait
     on the CPU launching kernels. Every batch is padded to data.max_length (each new width would record
-    new graphs). Needs train.grad_accum=1."""
+    new graphs); the graphs are recorded on the first batch before the first step. Needs train.grad_accum=1."""
     width_buckets: int = 4
     """With speed.compile: batches are padded to one of this many widths, evenly spaced up to
     data.max_length (multiples of 128), since each width compiles once; 1 pads every batch to max_length."""
@@ -417,14 +417,16 @@ class SpeedConfig:
     between forward and backward instead of on the GPU (layers x seq x hidden x 2 B); with speed.compile
     the copies overlap the compute."""
     offload_embeddings: bool = False
-    """Keep the frozen input embedding matrix in pinned CPU memory and send each batch's rows to the GPU
-    (finetune/speed/host_embeddings.py): vocab x hidden x 2 B (bf16) less GPU memory. Not for tied output heads."""
+    """Keep the frozen input embedding matrix in pinned CPU memory; a GPU gathers each batch's rows from it
+    in place (finetune/speed/host_embeddings.py): vocab x hidden x 2 B (bf16) less GPU memory. Not for
+    tied output heads."""
     fused_lora: bool = False
     """LoRA's low-rank path in Triton kernels (finetune/speed/fused_lora.py): the dropout mask is applied
     inside the down-projection's kernel, so no dropped copy of each layer's input is written; a layer
     over a frozen 4-bit or plain layer runs as one op whose frozen matmul adds itself to the adapter's
     term in place, its 4-bit weight dequantized by one kernel (finetune/speed/dequant_kernels.py). Same
-    distribution of dropout masks, other draws (a hash of seed and position); needs a CUDA GPU."""
+    distribution of dropout masks, other draws (a hash of seed and position; p rounded to a multiple of
+    2**-16); needs a CUDA GPU."""
 
     def problems(self) -> list[str]:
         p = []
