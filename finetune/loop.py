@@ -86,16 +86,20 @@ def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _skips_non_finite_on_device(optimizer) -> bool:
-    """Whether the optimizer skips its update itself, on the device, given a found_inf flag: PyTorch's
+def _skips_non_finite_on_device(optimizer, device: torch.device) -> bool:
+    """Whether the optimizer skips its update itself, on `device`, given a found_inf flag there: PyTorch's
     fused AdamW (build_optimizer's choice when the adapters share one device) does."""
-    from torch.distributed.tensor import DTensor
-
     inner = getattr(optimizer, "optimizer", optimizer)
+    if type(inner) is not torch.optim.AdamW or not inner.defaults.get("fused"):
+        return False
     params = [p for group in inner.param_groups for p in group["params"]]
-    # FSDP2's sharded parameters (DTensors) would need the flag as one too
-    return (type(inner) is torch.optim.AdamW and bool(inner.defaults.get("fused"))
-            and not any(isinstance(p, DTensor) for p in params))
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in params):  # FSDP2's shards would need the flag as one too
+            return False
+    # on another device the flag would arrive by a copy the update does not wait for
+    return all(p.device == device for p in params)
 
 
 def build_scheduler(optimizer, t: TrainConfig):
@@ -105,7 +109,8 @@ def build_scheduler(optimizer, t: TrainConfig):
 
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accelerator: Accelerator, params: list,
                speed: SpeedConfig, max_grad_norm: float, objective=None) -> StepOutcome:
-    """One optimizer step over `micro_batches` (train.grad_accum of them); a non-finite step changes nothing.
+    """One optimizer step over `micro_batches` (train.grad_accum of them); a non-finite step changes no
+    parameter or optimizer number.
 
     `objective` (finetune.objectives) is what the step minimizes; next-token cross-entropy by default.
     """
@@ -143,15 +148,17 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accele
     grad_norm = torch.as_tensor(grad_norm).to(loss_all).reshape(())
     sums = [accelerator.reduce(value, reduction="sum") for value in (loss_all, *metrics_all.values())]
     scaler = accelerator.scaler
-    skips_on_device = scaler is None and _skips_non_finite_on_device(optimizer)
+    skips_on_device = scaler is None and _skips_non_finite_on_device(optimizer, grad_norm.device)
     if skips_on_device:
         # Queued before the host reads the step's numbers, so the GPU runs the update while the host
-        # waits for them (launched after, the GPU idles until the launch): fused AdamW leaves
-        # everything as it was when found_inf is set, as it does for a grad scaler.
+        # waits for them (launched after, the GPU idles until the launch): fused AdamW leaves the
+        # parameters and its state's numbers as they were when found_inf is set, as for a grad scaler.
         inner = getattr(optimizer, "optimizer", optimizer)
         inner.found_inf = (~(torch.isfinite(grad_norm) & torch.isfinite(sums[0]))).float()
-        optimizer.step()
-        del inner.found_inf
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
     # One copy to the host for all of them: each waits for the GPU, and the GPU then waits for the next launch.
     grad_norm, loss, *metric_values = torch.stack([grad_norm, *sums]).tolist()
     metrics = dict(zip(metrics_all, metric_values))
@@ -174,8 +181,9 @@ def record_cuda_graphs(model, batch: dict, *, accelerator: Accelerator, speed: S
     records them. Their gradients are dropped and the random generators put back, so the steps after
     compute what they would have without this. Recorded inside the first steps instead, the recording
     overlapped the optimizer state the first update creates, and that step was the run's peak
-    (llama3-8b b2, 31 blocks without checkpointing: 16.77 GiB, against 16.45 once recorded here;
-    docs/decisions.md).
+    (llama3-8b b2, 31 blocks without checkpointing: 16.77 GiB, against 16.49 once recorded here;
+    docs/decisions.md). A resumed run has its optimizer state already: recording here still keeps the
+    recording out of the timed steps.
     """
     objective = objective or SupervisedObjective()
     units = objective.units(batch)
@@ -364,7 +372,7 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     batches = iter(train_batches)
     first_step = state.step + 1
     graphs_seconds = 0.0
-    if cfg.speed.cuda_graphs:
+    if cfg.speed.cuda_graphs and first_step <= t.max_steps:
         first_batch = next(batches)
         batches = itertools.chain([first_batch], batches)
         graphs_seconds = record_cuda_graphs(model, first_batch, accelerator=accelerator, speed=cfg.speed,

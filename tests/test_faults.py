@@ -174,7 +174,7 @@ def test_a_non_finite_step_leaves_adapter_optimizer_and_schedule_as_they_were():
     optimizer = build_optimizer(params, train)
     scheduler = build_scheduler(optimizer, train)
     model, optimizer = accelerator.prepare(model, optimizer)
-    assert _skips_non_finite_on_device(optimizer)
+    assert _skips_non_finite_on_device(optimizer, accelerator.device)
     ids = torch.randint(0, 31, (2, 8), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 

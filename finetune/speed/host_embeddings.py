@@ -59,7 +59,7 @@ def offload_embeddings(model) -> int:
         raise ValueError("speed.offload_embeddings keeps the input embeddings frozen in host memory, but they are "
                          "trained (lora.target_modules or lora.modules_to_save name them): remove them there or set "
                          "speed.offload_embeddings=false")
-    table = emb.weight.detach().to("cpu")
+    table = emb.weight.detach().to("cpu").contiguous()
     emb.finetune_device = emb.weight.device
     emb.finetune_table = table.pin_memory() if torch.cuda.is_available() else table
     del emb.weight  # the module's only reference: the GPU copy is freed
@@ -69,9 +69,10 @@ def offload_embeddings(model) -> int:
 
 
 def _device_rows(table: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """A tensor on `device` over the pinned table's own host memory, each row as whole 8-, 4- or 2-byte
-    words (a wider load per thread reads the bus better), or None where kernels there cannot read it:
-    not a CUDA device, memory not pinned, or pinned for another device."""
+    """A tensor on `device` over the pinned table's own host memory, each row as whole 8-, 4-, 2- or
+    1-byte words (a wider load per thread reads the bus better), or None where kernels there cannot
+    read it: not a CUDA device, memory not pinned, or pinned for another device. The view holds the
+    table: its memory cannot go back to the pinned-memory cache while the view exists."""
     if device.type != "cuda" or not table.is_pinned():
         return None
     row_bytes = table.shape[1] * table.element_size()
@@ -79,7 +80,7 @@ def _device_rows(table: torch.Tensor, device: torch.device) -> torch.Tensor | No
     words = table.view(word)
     interface = types.SimpleNamespace(__cuda_array_interface__={
         "shape": tuple(words.shape), "typestr": f"<i{word.itemsize}", "data": (words.data_ptr(), False),
-        "version": 2, "strides": None})
+        "version": 2, "strides": None}, owner=table)
     rows = torch.as_tensor(interface)  # a view, no copy: torch reads the pointer's device from CUDA
     return rows if rows.device == device and rows.data_ptr() == table.data_ptr() else None
 
