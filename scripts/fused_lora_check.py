@@ -2,12 +2,15 @@
 
     python scripts/fused_lora_check.py            # checks, then each kernel's time at llama3-8b shapes
     python scripts/fused_lora_check.py --sweep    # and the time of each tile setting, best first
+    python scripts/fused_lora_check.py --sweep up_grads   # of one kernel
     python scripts/fused_lora_check.py --p 0      # times without dropout: what the mask's hash costs
 
 Checks: the dropout mask equals the hash written out in torch integer arithmetic (bit for bit); output,
-input gradient and weight gradient match torch's matmuls through that mask. Times: each kernel alone
-(one CUDA graph of 10 calls, median of 20 replays), as GB/s of the full-width tensor it streams (x, or
-grad_x it writes), against the same work in torch (dropout's mask applied by torch, then the matmul).
+input gradient and weight gradient match torch's matmuls through that mask; the up-projection's two
+gradients (lora_up_grads) match torch's two matmuls. Times: each kernel alone (one CUDA graph of 10
+calls, median of 20 replays), as GB/s of the full-width tensor it streams (x, grad_x it writes, or
+grad_out), against the same work in torch (dropout's mask applied by torch, then the matmul; for the
+up-projection's gradients, the two matmuls the one-op layer ran before).
 """
 
 from __future__ import annotations
@@ -19,10 +22,18 @@ import statistics
 import torch
 
 from finetune.speed import fused_lora
-from finetune.speed.fused_lora import WAVES, lora_down, lora_down_grad_input, lora_down_grad_weight
+from finetune.speed.fused_lora import (
+    UP_GRAD_WAVES,
+    WAVES,
+    lora_down,
+    lora_down_grad_input,
+    lora_down_grad_weight,
+    lora_up_grads,
+)
 
-# llama3-8b's LoRA inputs, batch 2 x 2048: (in features, out features) of q/k/v/o/gate/up, down
+# llama3-8b's LoRA inputs and outputs, batch 2 x 2048: in features of q/k/v/o/gate/up, down; out features
 SHAPES = {"4096 in (q, k, v, o, gate, up)": 4096, "14336 in (down)": 14336}
+OUT_SHAPES = {"4096 out (q, o, down)": 4096, "1024 out (k, v)": 1024, "14336 out (gate, up)": 14336}
 TOKENS, RANK, P = 4096, 16, 0.05
 
 
@@ -67,6 +78,18 @@ def check(device) -> None:
         errors = {k: ((got[k] - expect[k]).norm() / expect[k].norm()).item() for k in expect}
         print(f"width {width}: kept {kept:.5f}; relative error " + ", ".join(f"{k} {e:.2e}" for k, e in errors.items()))
         assert abs(kept - (1 - P)) < 1e-3 and max(errors.values()) < 1e-2
+    for width in OUT_SHAPES.values():
+        g = torch.randn(TOKENS, width, device=device, dtype=torch.bfloat16)
+        u = torch.randn(TOKENS, RANK, device=device, dtype=torch.bfloat16)
+        b = torch.randn(width, RANK, device=device) * 0.02
+        grad_u, grad_b = lora_up_grads(g, u, b)
+        expect_u = torch.mm(g, b.to(torch.bfloat16))
+        expect_b = torch.mm(g.t(), u, out_dtype=torch.float32)
+        off_u = (grad_u.float() - expect_u.float()).abs().max().item() / expect_u.float().abs().max().item()
+        off_b = ((grad_b - expect_b).norm() / expect_b.norm()).item()
+        print(f"up-projection gradients, width {width}: grad_u {off_u:.1e} of its largest entry apart from torch's, "
+              f"grad_B relative error {off_b:.1e}")
+        assert off_u < 2**-7 and off_b < 1e-5
 
 
 def _time(fn, calls: int = 10) -> float:
@@ -105,6 +128,15 @@ def kernel_times(device, width: int, p: float = P) -> dict[str, float]:
             "grad_weight": _time(lambda: lora_down_grad_weight(g, x, seed, p))}
 
 
+def up_grad_times(device, width: int) -> dict[str, float]:
+    """lora_up_grads against the two matmuls it replaces, for an output width."""
+    g = torch.randn(TOKENS, width, device=device, dtype=torch.bfloat16)
+    u = torch.randn(TOKENS, RANK, device=device, dtype=torch.bfloat16)
+    b = torch.randn(width, RANK, device=device)
+    return {"up_grads": _time(lambda: lora_up_grads(g, u, b)),
+            "torch": _time(lambda: (torch.mm(g, b.to(torch.bfloat16)), torch.mm(g.t(), u, out_dtype=torch.float32)))}
+
+
 def torch_times(device, width: int, p: float = P) -> dict[str, float]:
     """The same three products in torch, dropout by torch (as PEFT's layers do it, uncompiled)."""
     x = torch.randn(TOKENS, width, device=device, dtype=torch.bfloat16)
@@ -117,7 +149,9 @@ def torch_times(device, width: int, p: float = P) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", action="store_true", help="time every tile setting of each kernel")
+    parser.add_argument("--sweep", nargs="*", metavar="KERNEL",
+                        help="time every tile setting of each kernel named (down, grad_input, grad_weight, "
+                             "up_grads; none named: all)")
     parser.add_argument("--p", type=float, default=P, help=f"the dropout probability timed (default {P})")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -129,10 +163,17 @@ def main() -> None:
         for kernel in ours:
             print(f"{name}: {kernel:12s} {ours[kernel] * 1e6:7.1f} us ({bytes_per[width] / ours[kernel] / 1e9:6.0f} GB/s)"
                   f"   torch {plain[kernel] * 1e6:7.1f} us")
-    if not args.sweep:
+    for name, width in OUT_SHAPES.items():
+        times = up_grad_times(device, width)
+        print(f"{name}: up_grads     {times['up_grads'] * 1e6:7.1f} us ({TOKENS * width * 2 / times['up_grads'] / 1e9:6.0f} GB/s)"
+              f"   torch {times['torch'] * 1e6:7.1f} us")
+    if args.sweep is None:
         return
-    chosen = {k: dict(v) for k, v in fused_lora.LAUNCH.items()}
-    for kernel in chosen:
+    swept = args.sweep or list(fused_lora.LAUNCH)
+    if "up_grads" in swept:
+        sweep_up_grads(device)
+    chosen = {k: dict(v) for k, v in fused_lora.LAUNCH.items() if k != "up_grads"}
+    for kernel in [k for k in chosen if k in swept]:
         results = []
         for block_m, block_k, warps, stages in itertools.product([16, 32, 64, 128], [64, 128, 256], [4, 8], [1, 3]):
             fused_lora.LAUNCH[kernel] = dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
@@ -154,6 +195,29 @@ def main() -> None:
                 print(f"  at the best tiles, WAVES={waves}: {total * 1e6:.1f} us")
             fused_lora.WAVES = WAVES
         fused_lora.LAUNCH[kernel] = chosen[kernel]
+
+
+def sweep_up_grads(device) -> None:
+    chosen, results = dict(fused_lora.LAUNCH["up_grads"]), []
+    for block_m, block_n, warps, stages, waves in itertools.product([256, 512, 1024], [32, 64, 128], [4, 8],
+                                                                      [2, 3, 4], [1]):
+        fused_lora.LAUNCH["up_grads"] = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        fused_lora.UP_GRAD_WAVES = waves
+        try:
+            total = sum(up_grad_times(device, w)["up_grads"] for w in OUT_SHAPES.values())
+        except Exception as e:  # a tile too large for shared memory or registers
+            print(f"  up_grads {block_m}x{block_n} w{warps} s{stages}: {type(e).__name__}")
+            continue
+        results.append((total, block_m, block_n, warps, stages, waves))
+        print(f"  BLOCK_M={block_m} BLOCK_N={block_n} num_warps={warps} num_stages={stages} UP_GRAD_WAVES={waves}: "
+              f"{total * 1e6:.1f} us", flush=True)
+    fused_lora.LAUNCH["up_grads"], fused_lora.UP_GRAD_WAVES = chosen, UP_GRAD_WAVES
+    results.sort()
+    print(f"up_grads: best settings (total us over the three widths; chosen now {chosen}, "
+          f"UP_GRAD_WAVES={UP_GRAD_WAVES})")
+    for total, block_m, block_n, warps, stages, waves in results[:8]:
+        print(f"  BLOCK_M={block_m} BLOCK_N={block_n} num_warps={warps} num_stages={stages} "
+              f"UP_GRAD_WAVES={waves}: {total * 1e6:.1f} us")
 
 
 if __name__ == "__main__":

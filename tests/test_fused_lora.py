@@ -141,6 +141,28 @@ def test_both_reductions_add_up_over_several_splits():
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_the_up_projection_gradients_equal_two_matmuls(b_dtype, kernel, monkeypatch):
+    """lora_up_grads against grad_out @ B and grad_out.T @ u: in one pass over several row blocks (the
+    last one short) and column splits, or past UP_GRAD_MAX_ROW_BLOCKS as the two matmuls."""
+    grad_out, u = torch.randn(1100, 300, dtype=torch.bfloat16), torch.randn(1100, 16, dtype=torch.bfloat16)
+    b = torch.randn(300, 16).to(b_dtype)
+    row_blocks, col_splits, _ = fused_lora._up_grad_splits(1100, 300, grad_out)
+    assert row_blocks > 1 and col_splits > 1, (row_blocks, col_splits)
+    if not kernel:
+        monkeypatch.setattr(fused_lora, "UP_GRAD_MAX_ROW_BLOCKS", row_blocks - 1)
+    with OpCounter() as calls:
+        grad_u, grad_b = fused_lora.lora_up_grads(grad_out, u, b)
+    assert calls[torch.ops.aten.mm.default] == (0 if kernel else 2)
+    assert grad_u.dtype == torch.bfloat16 and grad_b.dtype == b_dtype
+    # sums in fp32, each result rounded once: to the nearest bf16 of the exact sum, or one unit off it
+    expected_u = (grad_out.float() @ b.to(torch.bfloat16).float()).to(torch.bfloat16)
+    expected_b = (grad_out.float().T @ u.float()).to(b_dtype)
+    for got, expected in [(grad_u, expected_u), (grad_b, expected_b)]:
+        torch.testing.assert_close(got, expected, rtol=2**-7, atol=1e-5)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the ops that run under it, by overload."""
 

@@ -43,19 +43,37 @@ LAUNCH = {
     "down": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1),
     "grad_input": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1),
     "grad_weight": dict(BLOCK_M=128, BLOCK_K=128, num_warps=8, num_stages=1),
+    "up_grads": dict(BLOCK_M=512, BLOCK_N=64, num_warps=8, num_stages=3),
 }
 WAVES = 4  # programs per streaming multiprocessor that the split reductions aim for
+UP_GRAD_WAVES = 1  # the same for lora_up_grads, whose programs stream a long run of grad_out each
+# lora_up_grads keeps one fp32 partial of B's gradient per block of rows: past this many blocks those
+# partials would cost more than the second read of grad_out they save, and two matmuls do it
+UP_GRAD_MAX_ROW_BLOCKS = 32
+
+
+def _processors(x: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
 
 
 def _splits(length: int, block: int, other_blocks: int, x: torch.Tensor) -> tuple[int, int]:
     """(splits, length per split, a multiple of block) that cut `length` so that splits x other_blocks
     programs fill the GPU's streaming multiprocessors WAVES times over: a reduction too long for a
-    full grid is done in parts (fp32 partial sums, added after in a fixed order, so no atomics and the
-    same inputs give the same result bit for bit)."""
-    processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    splits = max(1, min(-(-WAVES * processors // other_blocks), -(-length // block)))
+    full grid is done in parts (fp32 partial sums, added in the kernel in a fixed order, so no atomics on
+    the values and the same inputs give the same result bit for bit)."""
+    splits = max(1, min(-(-WAVES * _processors(x) // other_blocks), -(-length // block)))
     per_split = -(-length // splits // block) * block
     return -(-length // per_split), per_split
+
+
+def _up_grad_splits(m: int, n: int, x: torch.Tensor) -> tuple[int, int, int]:
+    """(row blocks, column splits, columns per split) for lora_up_grads: one program per block of rows
+    and split of the columns, about UP_GRAD_WAVES per multiprocessor."""
+    launch = LAUNCH["up_grads"]
+    row_blocks, col_blocks = -(-m // launch["BLOCK_M"]), -(-n // launch["BLOCK_N"])
+    col_splits = min(col_blocks, -(-UP_GRAD_WAVES * _processors(x) // row_blocks))
+    cols_per_split = -(-col_blocks // col_splits) * launch["BLOCK_N"]
+    return row_blocks, -(-n // cols_per_split), cols_per_split
 
 
 MASK_STEPS = 2**16  # each keep bit compares 16 bits of the hash with p's share of them
@@ -69,10 +87,11 @@ def mask_probability(p: float) -> float:
 
 def _shared_arguments(p: float, r: int, x: torch.Tensor, scaling: float) -> dict:
     """The dropout, scale, rank and precision arguments every kernel takes. fp32 inputs get exact fp32
-    dot products (not TF32); off the GPU (Triton's interpreter) dot products run in fp32."""
+    dot products (not TF32); off the GPU (Triton's interpreter) dot products run in fp32 and bf16 results are
+    rounded as a GPU rounds them."""
     dropped = mask_probability(p)
     return dict(threshold=round(dropped * MASK_STEPS), scale=scaling / (1.0 - dropped), R=r, R_PAD=max(16, 1 << (r - 1).bit_length()),
-                DROPOUT=dropped > 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST=not x.is_cuda)
+                DROPOUT=dropped > 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", INTERPRETER=not x.is_cuda)
 
 
 @torch.library.custom_op("finetune::lora_down", mutates_args=())
@@ -86,10 +105,12 @@ def lora_down(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: floa
     launch = LAUNCH["down"]
     row_blocks = -(-m // launch["BLOCK_M"])
     splits, cols_per_split = _splits(width, launch["BLOCK_K"], row_blocks, x)
+    u = x.new_empty(m, r)
     partial = torch.empty(splits, m, r, device=x.device, dtype=torch.float32)
-    k.lora_down_kernel[(row_blocks, splits)](x, weight, partial, seed, m, width, cols_per_split, **launch,
-                                             **_shared_arguments(p, r, x, scaling))
-    return partial.sum(0).to(x.dtype)
+    counters = torch.zeros(row_blocks, device=x.device, dtype=torch.int32)
+    k.lora_down_kernel[(row_blocks, splits)](x, weight, u, partial, counters, seed, m, width, splits, cols_per_split,
+                                             **launch, **_shared_arguments(p, r, x, scaling))
+    return u
 
 
 @lora_down.register_fake
@@ -130,10 +151,13 @@ def lora_down_grad_weight(grad_u: torch.Tensor, x: torch.Tensor, seed: torch.Ten
     launch = LAUNCH["grad_weight"]
     column_blocks = -(-width // launch["BLOCK_K"])
     splits, rows_per_split = _splits(m, launch["BLOCK_M"], column_blocks, x)
+    grad_a = torch.empty(r, width, device=x.device, dtype=torch.float32)
     partial = torch.empty(splits, r, width, device=x.device, dtype=torch.float32)
+    counters = torch.zeros(column_blocks, device=x.device, dtype=torch.int32)
     k.lora_down_grad_weight_kernel[(column_blocks, splits)](
-        grad_u, x, partial, seed, m, width, rows_per_split, **launch, **_shared_arguments(p, r, x, scaling))
-    return partial.sum(0)
+        grad_u, x, grad_a, partial, counters, seed, m, width, splits, rows_per_split, **launch,
+        **_shared_arguments(p, r, x, scaling))
+    return grad_a
 
 
 @lora_down_grad_weight.register_fake
@@ -157,6 +181,33 @@ def _backward(ctx, grad_u):
 
 
 lora_down.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_up_grads(grad_out: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_out @ B in grad_out's dtype, grad_out.T @ u in B's dtype) for grad_out [M, N], u [M, R] and
+    B [N, R] of any float dtype (rounded to grad_out's as it is loaded), both summed in fp32, from one
+    read of grad_out: two matmuls read it twice, and at inner dimension R each is bound by that read.
+    Past UP_GRAD_MAX_ROW_BLOCKS blocks of rows (long inputs), the two matmuls."""
+    from finetune.speed import lora_kernels as k
+
+    m, n = grad_out.shape
+    r = u.shape[1]
+    launch = LAUNCH["up_grads"]
+    row_blocks, col_splits, cols_per_split = _up_grad_splits(m, n, grad_out)
+    if row_blocks > UP_GRAD_MAX_ROW_BLOCKS:
+        grad_u = torch.mm(grad_out, lora_b.to(grad_out.dtype))
+        if grad_out.is_cuda and grad_out.dtype in (torch.bfloat16, torch.float16):
+            return grad_u, torch.mm(grad_out.t(), u, out_dtype=torch.float32).to(lora_b.dtype)
+        return grad_u, torch.mm(grad_out.t().float(), u.float()).to(lora_b.dtype)
+    grad_u, grad_b = grad_out.new_empty(m, r), torch.empty_like(lora_b)
+    part_u = torch.empty(col_splits, m, r, device=u.device, dtype=torch.float32)
+    part_b = torch.empty(row_blocks, n, r, device=u.device, dtype=torch.float32)
+    counters = torch.zeros(row_blocks + col_splits, device=u.device, dtype=torch.int32)
+    shared = _shared_arguments(0.0, r, grad_out, 1.0)
+    k.lora_up_grads_kernel[(row_blocks, col_splits)](
+        grad_out, u, lora_b, grad_u, grad_b, part_u, part_b, counters, m, n, col_splits, cols_per_split, R=r,
+        R_PAD=shared["R_PAD"], PRECISION=shared["PRECISION"], INTERPRETER=shared["INTERPRETER"], **launch)
+    return grad_u, grad_b
 
 
 def frozen_weight(weight: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor | None,
@@ -221,8 +272,7 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tenso
     and B's in their own dtype, summed in fp32. The adapter's share of x's gradient is written first
     and the frozen matmul's adds itself to it in place."""
     with torch.autocast(x.device.type, enabled=False):
-        grad_u = torch.mm(grad_out, lora_b.to(x.dtype))  # of u, which carries the scaling
-        grad_b = _mm_in_fp32(grad_out.t(), u).to(lora_b.dtype)
+        grad_u, grad_b = lora_up_grads(grad_out, u, lora_b)  # u carries the scaling
         grad_a = lora_down_grad_weight(grad_u, x, seed, p, scaling).to(lora_a.dtype)
         if not input_grad:
             return x.new_empty(0), grad_a, grad_b
@@ -236,14 +286,6 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tenso
 def _(grad_out, x, u, weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
       nested_blocksize, shape, lora_a, lora_b, seed, p, scaling, input_grad):
     return x.new_empty(x.shape if input_grad else (0,)), torch.empty_like(lora_a), torch.empty_like(lora_b)
-
-
-def _mm_in_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b summed and returned in fp32: on a GPU one GEMM of a's dtype with an fp32 output (a bf16
-    result would be rounded, then cast in a kernel of its own); elsewhere in fp32 throughout."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
 
 
 # lora_linear's arguments after x that describe the frozen layer: tensors (weight .. offset), then settings

@@ -3,6 +3,7 @@
     u      = (x * keep * scale) @ A.T                         lora_down_kernel (per column split)
     grad_A = grad_u.T @ (x * keep * scale)                    lora_down_grad_weight_kernel (per row split)
     grad_x = (grad_u @ A) * keep * scale                      lora_down_grad_input_kernel
+    grad_u = grad_out @ B,  grad_B = grad_out.T @ u           lora_up_grads_kernel (one pass over grad_out)
 
 x is [M, K] (tokens x in features), A [R, K], u and grad_u [M, R]; scale is 1 / (1 - p), times LoRA's
 scaling where the caller folds it in. A is read in its own dtype (an fp32 adapter) and rounded to x's
@@ -15,6 +16,11 @@ at or above a 16-bit threshold (probability 1 - p, p rounded to a multiple of 2*
 two elements: the hash's integer arithmetic, not memory, bounded these kernels (scripts/
 fused_lora_check.py --p 0 times them without it; docs/decisions.md). int32 products wrap, as the hash
 needs; `>>` on int32 copies the sign bit, so each shift is masked to a logical one.
+
+A reduction split over programs (to fill the GPU) ends inside the kernel: each split stores its fp32
+partial sum, and the program that finishes a tile's last split (an atomic count per tile) adds the
+partials in split order and writes the result. So there is no sum kernel after, and no atomics on the
+values: the same inputs give the same bits.
 
 Row offsets are int64: at long context M x K passes 2**31.
 """
@@ -53,20 +59,52 @@ def kept(row_hash, cols, threshold):
 
 
 @triton.jit
-def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b. UPCAST computes in fp32: Triton's CPU interpreter gets bf16 dot products wrong."""
-    if UPCAST:
+def mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """acc + a @ b, in fp32 in Triton's CPU interpreter, which gets bf16 dot products wrong."""
+    if INTERPRETER:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def lora_down_kernel(x_ptr, a_ptr, part_ptr, seed_ptr, M, K, cols_per_split, threshold, scale,
-                     R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """part[split] = dropped x[rows, columns of split] @ A[:, columns of split].T, for one block of rows."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def rounded(value, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """value in dtype, fp32 rounded to the nearest bf16 (ties to even) as a GPU rounds it. Triton's CPU
+    interpreter cuts the low bits off instead, so there the rounding is done on the bits first: the
+    tests' sums of many bf16 values would otherwise drift toward zero."""
+    if INTERPRETER and dtype == tl.bfloat16 and value.dtype == tl.float32:
+        bits = value.to(tl.int32, bitcast=True)
+        value = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
+    return value.to(dtype)
+
+
+@triton.jit
+def last_to_arrive(counter_ptr, arrivals):
+    """True in the one program, of the `arrivals` that reach this for the counter, that reaches it last.
+    The barrier and the atomic's release make every store the program made before visible to that
+    one, whose acquire orders its loads after them."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel") == arrivals - 1
+
+
+@triton.jit
+def sum_of_partials(part_ptr, offsets, mask, splits, split_stride):
+    """The fp32 sum, in split order, of the `splits` partial tiles at `offsets` past each split's start.
+    Loaded past L1 (`.cg`): other multiprocessors wrote them."""
+    total = tl.load(part_ptr + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    for split in range(1, splits):
+        total += tl.load(part_ptr + split * split_stride + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def lora_down_kernel(x_ptr, a_ptr, u_ptr, part_ptr, counter_ptr, seed_ptr, M, K, splits, cols_per_split,
+                     threshold, scale, R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """u[rows] = dropped x[rows] @ A.T for one block of rows, summed over `splits` programs that each take
+    `cols_per_split` of the columns."""
+    row_block = tl.program_id(0)
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)
     ranks = tl.arange(0, R_PAD)
     row_in = rows < M
@@ -82,18 +120,25 @@ def lora_down_kernel(x_ptr, a_ptr, part_ptr, seed_ptr, M, K, cols_per_split, thr
         if DROPOUT:
             x = tl.where(kept(row_hash, cols, threshold), x, 0.0).to(x_ptr.dtype.element_ty)
         a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < end),
-                    other=0.0).to(x_ptr.dtype.element_ty)
-        acc = mma(x, a, acc, PRECISION, UPCAST)
-    tl.store(part_ptr + split * M * R + rows[:, None] * R + ranks[None, :], acc * scale,
-             mask=row_in[:, None] & (ranks[None, :] < R))
+                    other=0.0)
+        acc = mma(x, rounded(a, x_ptr.dtype.element_ty, INTERPRETER), acc, PRECISION, INTERPRETER)
+    tile = rows.to(tl.int64)[:, None] * R + ranks[None, :]
+    in_tile = row_in[:, None] & (ranks[None, :] < R)
+    tl.store(part_ptr + split * M * R + tile, acc * scale, mask=in_tile)
+    if last_to_arrive(counter_ptr + row_block, splits):
+        u = sum_of_partials(part_ptr, tile, in_tile, splits, M * R)
+        tl.store(u_ptr + tile, rounded(u, u_ptr.dtype.element_ty, INTERPRETER), mask=in_tile)
 
 
 @triton.jit
-def lora_down_grad_weight_kernel(g_ptr, x_ptr, part_ptr, seed_ptr, M, K, rows_per_split, threshold, scale,
-                                 R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_K: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """part[split] = grad_u[rows of split].T @ dropped x[rows of split], for one block of columns."""
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+def lora_down_grad_weight_kernel(g_ptr, x_ptr, grad_a_ptr, part_ptr, counter_ptr, seed_ptr, M, K, splits,
+                                 rows_per_split, threshold, scale, R: tl.constexpr, R_PAD: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DROPOUT: tl.constexpr,
+                                 PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """grad_A[:, cols] = grad_u.T @ dropped x[:, cols] for one block of columns, summed over `splits`
+    programs that each take `rows_per_split` of the rows."""
+    col_block = tl.program_id(0)
+    cols = col_block * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(1)
     ranks = tl.arange(0, R_PAD)
     col_in = cols < K
@@ -109,15 +154,65 @@ def lora_down_grad_weight_kernel(g_ptr, x_ptr, part_ptr, seed_ptr, M, K, rows_pe
                     other=0.0)
         if DROPOUT:
             x = tl.where(kept(row_hashes(seed_ptr, rows), cols, threshold), x, 0.0).to(x_ptr.dtype.element_ty)
-        acc = mma(tl.trans(g), x, acc, PRECISION, UPCAST)
-    tl.store(part_ptr + split * R * K + ranks[:, None] * K + cols[None, :], acc * scale,
-             mask=(ranks[:, None] < R) & col_in[None, :])
+        acc = mma(tl.trans(g), x, acc, PRECISION, INTERPRETER)
+    tile = ranks[:, None] * K + cols[None, :]
+    in_tile = (ranks[:, None] < R) & col_in[None, :]
+    tl.store(part_ptr + split * R * K + tile, acc * scale, mask=in_tile)
+    if last_to_arrive(counter_ptr + col_block, splits):
+        grad_a = sum_of_partials(part_ptr, tile, in_tile, splits, R * K)
+        tl.store(grad_a_ptr + tile, rounded(grad_a, grad_a_ptr.dtype.element_ty, INTERPRETER), mask=in_tile)
+
+
+@triton.jit
+def lora_up_grads_kernel(g_ptr, u_ptr, b_ptr, grad_u_ptr, grad_b_ptr, part_u_ptr, part_b_ptr, counter_ptr,
+                         M, N, col_splits, cols_per_split, R: tl.constexpr, R_PAD: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                         INTERPRETER: tl.constexpr):
+    """For g = grad_out [M, N], u [M, R] and B [N, R]: grad_u = g @ B and grad_B = g.T @ u from one read
+    of g. Program (i, j) sweeps block i of BLOCK_M rows over the columns of split j, one tile at a time:
+    grad_u's share of its rows adds up in registers (partial over the column splits), and each tile's
+    share of grad_B is whole over the block's rows and stored as it is (partial over the row blocks).
+    The last program to finish a row block sums its grad_u, the last to finish a column split its grad_B."""
+    row_block = tl.program_id(0)
+    col_split = tl.program_id(1)
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, R_PAD)
+    rank_in = ranks < R
+    u_tile = rows[:, None] * R + ranks[None, :]
+    u_in = (rows < M)[:, None] & rank_in[None, :]
+    u = tl.load(u_ptr + u_tile, mask=u_in, other=0.0)
+    g_rows = g_ptr + rows.to(tl.int64)[:, None] * N
+    col_start = col_split * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, N)
+    acc_u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(col_start, col_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_in = cols < col_end
+        b_tile = cols[:, None] * R + ranks[None, :]
+        b_in = col_in[:, None] & rank_in[None, :]
+        g = tl.load(g_rows + cols[None, :], mask=(rows < M)[:, None] & col_in[None, :], other=0.0)
+        b = tl.load(b_ptr + b_tile, mask=b_in, other=0.0)
+        acc_u = mma(g, rounded(b, g_ptr.dtype.element_ty, INTERPRETER), acc_u, PRECISION, INTERPRETER)
+        grad_b = mma(tl.trans(g), u, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), PRECISION, INTERPRETER)
+        tl.store(part_b_ptr + row_block * N * R + b_tile, grad_b, mask=b_in)
+    tl.store(part_u_ptr + col_split * M * R + u_tile, acc_u, mask=u_in)
+    if last_to_arrive(counter_ptr + row_block, col_splits):
+        grad_u = sum_of_partials(part_u_ptr, u_tile, u_in, col_splits, M * R)
+        tl.store(grad_u_ptr + u_tile, rounded(grad_u, grad_u_ptr.dtype.element_ty, INTERPRETER), mask=u_in)
+    row_blocks = tl.num_programs(0)
+    if last_to_arrive(counter_ptr + row_blocks + col_split, row_blocks):
+        for n0 in range(col_start, col_end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            b_tile = cols[:, None] * R + ranks[None, :]
+            b_in = (cols < col_end)[:, None] & rank_in[None, :]
+            grad_b = sum_of_partials(part_b_ptr, b_tile, b_in, row_blocks, N * R)
+            tl.store(grad_b_ptr + b_tile, rounded(grad_b, grad_b_ptr.dtype.element_ty, INTERPRETER), mask=b_in)
 
 
 @triton.jit
 def lora_down_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, threshold, scale,
                                 R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_K: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                                BLOCK_K: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, R_PAD)
@@ -125,9 +220,9 @@ def lora_down_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, threshold
     col_in = cols < K
     g = tl.load(g_ptr + rows[:, None] * R + ranks[None, :], mask=row_in[:, None] & (ranks[None, :] < R), other=0.0)
     a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & col_in[None, :],
-                other=0.0).to(g_ptr.dtype.element_ty)
-    y = mma(g, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, UPCAST) * scale
+                other=0.0)
+    y = mma(g, rounded(a, g_ptr.dtype.element_ty, INTERPRETER), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, INTERPRETER) * scale
     if DROPOUT:
         y = tl.where(kept(row_hashes(seed_ptr, rows), cols, threshold), y, 0.0)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], y.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], rounded(y, out_ptr.dtype.element_ty, INTERPRETER),
              mask=row_in[:, None] & col_in[None, :])
