@@ -47,12 +47,14 @@ LAUNCH = {
 }
 WAVES = 4  # programs per streaming multiprocessor that the split reductions aim for
 UP_GRAD_WAVES = 1  # the same for lora_up_grads, whose programs stream a long run of grad_out each
-# lora_up_grads keeps one fp32 partial of B's gradient per block of rows: past this many blocks those
-# partials would cost more than the second read of grad_out they save, and two matmuls do it
+# lora_up_grads keeps one fp32 partial of B's gradient per block of rows, and the last program of each
+# column split adds its span's partials alone: both grow with the input, so past this many blocks (long
+# inputs) two matmuls do it
 UP_GRAD_MAX_ROW_BLOCKS = 32
 
 
 def _processors(x: torch.Tensor) -> int:
+    """x's GPU's streaming multiprocessors; 4 off the GPU (Triton's interpreter, in tests)."""
     return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
 
 

@@ -221,8 +221,9 @@ def lora_down_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, threshold
     g = tl.load(g_ptr + rows[:, None] * R + ranks[None, :], mask=row_in[:, None] & (ranks[None, :] < R), other=0.0)
     a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & col_in[None, :],
                 other=0.0)
-    y = mma(g, rounded(a, g_ptr.dtype.element_ty, INTERPRETER), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, INTERPRETER) * scale
+    a = rounded(a, g_ptr.dtype.element_ty, INTERPRETER)
+    y = mma(g, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, INTERPRETER) * scale
     if DROPOUT:
         y = tl.where(kept(row_hashes(seed_ptr, rows), cols, threshold), y, 0.0)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], rounded(y, out_ptr.dtype.element_ty, INTERPRETER),
-             mask=row_in[:, None] & col_in[None, :])
+    y = rounded(y, out_ptr.dtype.element_ty, INTERPRETER)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], y, mask=row_in[:, None] & col_in[None, :])
