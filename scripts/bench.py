@@ -481,23 +481,29 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
 def gpu_busy(profiler, trace_path: str | None) -> str:
     """How much of the profiled steps' wall time the GPU spent running kernels and copies (the union of
     their intervals): what CUDA graphs or fewer syncs could still win is the rest. The Chrome trace is
-    kept at `trace_path` when given (FINETUNE_BENCH_TRACE)."""
+    kept at `trace_path` when given (FINETUNE_BENCH_TRACE; scripts/trace_summary.py reads it back)."""
     with tempfile.TemporaryDirectory() as scratch:
         path = trace_path or str(Path(scratch) / "trace.json")
         profiler.export_chrome_trace(path)
-        events = json.loads(Path(path).read_text())["traceEvents"]
+        return busy_line(json.loads(Path(path).read_text())["traceEvents"])
+
+
+def busy_line(events: list[dict]) -> str:
+    """'GPU busy X ms of Y ms over N profiled steps, K kernels' from a profiler trace's events."""
     # each step is annotated twice, on the host and on the GPU's timeline: the host's spans the step
     steps = [e for e in events
              if e.get("name", "").startswith("ProfilerStep#") and e.get("cat") == "user_annotation"]
     gpu = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X")
+    kernels = sum(1 for e in events if e.get("cat") == "kernel" and e.get("ph") == "X")
     start, end = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
     busy, reach = 0.0, start
     for a, b in gpu:
         a, b = max(a, reach), min(b, end)
         if b > a:
             busy, reach = busy + b - a, b
-    return f"GPU busy {busy / 1e3:,.1f} ms of {(end - start) / 1e3:,.1f} ms over {len(steps)} profiled steps"
+    return (f"GPU busy {busy / 1e3:,.1f} ms of {(end - start) / 1e3:,.1f} ms over {len(steps)} profiled steps, "
+            f"{kernels:,} kernels")
 
 
 def run_worker(args) -> None:
