@@ -141,26 +141,53 @@ def test_both_reductions_add_up_over_several_splits():
                                rtol=1e-4, atol=1e-4)
 
 
+class _TilesTooLarge:
+    """Stands in for a Triton kernel whose tiles exceed the GPU's shared memory: launching it raises what
+    Triton raises when it loads such a kernel."""
+
+    launches = 0
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def launch(*args, **kwargs):
+            self.launches += 1
+            raise OutOfResources(307200, 232448, "shared memory")
+        return launch
+
+
 @pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kernel", [True, False])
-def test_the_up_projection_gradients_equal_two_matmuls(b_dtype, kernel, monkeypatch):
+@pytest.mark.parametrize("rank", [8, 16])
+@pytest.mark.parametrize("path", ["kernel", "long input", "tiles too large"])
+def test_the_up_projection_gradients_equal_two_matmuls(b_dtype, rank, path, monkeypatch):
     """lora_up_grads against grad_out @ B and grad_out.T @ u: in one pass over several row blocks (the
-    last one short) and column splits, or past UP_GRAD_MAX_ROW_BLOCKS as the two matmuls."""
-    grad_out, u = torch.randn(1100, 300, dtype=torch.bfloat16), torch.randn(1100, 16, dtype=torch.bfloat16)
-    b = torch.randn(300, 16).to(b_dtype)
+    last one short) and column splits; as two matmuls past UP_GRAD_MAX_ROW_BLOCKS, or where the kernel
+    does not fit the GPU (remembered for that device and dtype)."""
+    from finetune.speed import lora_kernels
+
+    grad_out, u = torch.randn(1100, 300, dtype=torch.bfloat16), torch.randn(1100, rank, dtype=torch.bfloat16)
+    b = torch.randn(300, rank).to(b_dtype)
     row_blocks, col_splits, _ = fused_lora._up_grad_splits(1100, 300, grad_out)
     assert row_blocks > 1 and col_splits > 1, (row_blocks, col_splits)
-    if not kernel:
+    monkeypatch.setattr(fused_lora, "_UP_GRADS_DO_NOT_FIT", set())
+    if path == "long input":
         monkeypatch.setattr(fused_lora, "UP_GRAD_MAX_ROW_BLOCKS", row_blocks - 1)
-    with OpCounter() as calls:
-        grad_u, grad_b = fused_lora.lora_up_grads(grad_out, u, b)
-    assert calls[torch.ops.aten.mm.default] == (0 if kernel else 2)
-    assert grad_u.dtype == torch.bfloat16 and grad_b.dtype == b_dtype
-    # sums in fp32, each result rounded once: to the nearest bf16 of the exact sum, or one unit off it
-    expected_u = (grad_out.float() @ b.to(torch.bfloat16).float()).to(torch.bfloat16)
-    expected_b = (grad_out.float().T @ u.float()).to(b_dtype)
-    for got, expected in [(grad_u, expected_u), (grad_b, expected_b)]:
-        torch.testing.assert_close(got, expected, rtol=2**-7, atol=1e-5)
+    too_large = _TilesTooLarge()
+    if path == "tiles too large":
+        monkeypatch.setattr(lora_kernels, "lora_up_grads_kernel", too_large)
+    for _ in range(2):
+        with OpCounter() as calls:
+            grad_u, grad_b = fused_lora.lora_up_grads(grad_out, u, b)
+        assert calls[torch.ops.aten.mm.default] == (0 if path == "kernel" else 2)
+        assert grad_u.dtype == torch.bfloat16 and grad_b.dtype == b_dtype
+        # sums in fp32, each result rounded once: to the nearest bf16 of the exact sum, or one unit off it
+        expected_u = (grad_out.float() @ b.to(torch.bfloat16).float()).to(torch.bfloat16)
+        expected_b = (grad_out.float().T @ u.float()).to(b_dtype)
+        for got, expected in [(grad_u, expected_u), (grad_b, expected_b)]:
+            torch.testing.assert_close(got, expected, rtol=2**-7, atol=1e-5)
+    # a kernel that does not fit is tried once per device and dtype, then left alone
+    assert fused_lora._UP_GRADS_DO_NOT_FIT == ({(grad_out.device, grad_out.dtype)} if path == "tiles too large" else set())
+    assert too_large.launches == (1 if path == "tiles too large" else 0)
 
 
 class OpCounter(TorchDispatchMode):

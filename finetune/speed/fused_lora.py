@@ -185,31 +185,50 @@ def _backward(ctx, grad_u):
 lora_down.register_autograd(_backward, setup_context=_setup_context)
 
 
+# (device, dtype) pairs whose shared memory lora_up_grads' tiles exceed (fp32 inputs, or a GPU with
+# less than an H100's): there it leaves the work to two matmuls, found out once per pair
+_UP_GRADS_DO_NOT_FIT: set[tuple[torch.device, torch.dtype]] = set()
+
+
 def lora_up_grads(grad_out: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_out @ B in grad_out's dtype, grad_out.T @ u in B's dtype) for grad_out [M, N], u [M, R] and
     B [N, R] of any float dtype (rounded to grad_out's as it is loaded), both summed in fp32, from one
     read of grad_out: two matmuls read it twice, and at inner dimension R each is bound by that read.
-    Past UP_GRAD_MAX_ROW_BLOCKS blocks of rows (long inputs), the two matmuls."""
+    Two matmuls still do it for long inputs (past UP_GRAD_MAX_ROW_BLOCKS blocks of rows), empty ones,
+    and where the kernel's tiles do not fit the GPU's shared memory."""
+    from triton.runtime.errors import OutOfResources
+
     from finetune.speed import lora_kernels as k
 
     m, n = grad_out.shape
     r = u.shape[1]
     launch = LAUNCH["up_grads"]
+    row_blocks = -(-m // launch["BLOCK_M"])
+    if m == 0 or n == 0 or row_blocks > UP_GRAD_MAX_ROW_BLOCKS or (grad_out.device, grad_out.dtype) in _UP_GRADS_DO_NOT_FIT:
+        return _two_matmuls(grad_out, u, lora_b)
     row_blocks, col_splits, cols_per_split = _up_grad_splits(m, n, grad_out)
-    if row_blocks > UP_GRAD_MAX_ROW_BLOCKS:
-        grad_u = torch.mm(grad_out, lora_b.to(grad_out.dtype))
-        if grad_out.is_cuda and grad_out.dtype in (torch.bfloat16, torch.float16):
-            return grad_u, torch.mm(grad_out.t(), u, out_dtype=torch.float32).to(lora_b.dtype)
-        return grad_u, torch.mm(grad_out.t().float(), u.float()).to(lora_b.dtype)
     grad_u, grad_b = grad_out.new_empty(m, r), torch.empty_like(lora_b)
     part_u = torch.empty(col_splits, m, r, device=u.device, dtype=torch.float32)
     part_b = torch.empty(row_blocks, n, r, device=u.device, dtype=torch.float32)
     counters = torch.zeros(row_blocks + col_splits, device=u.device, dtype=torch.int32)
     shared = _shared_arguments(0.0, r, grad_out, 1.0)
-    k.lora_up_grads_kernel[(row_blocks, col_splits)](
-        grad_out, u, lora_b, grad_u, grad_b, part_u, part_b, counters, m, n, col_splits, cols_per_split, R=r,
-        R_PAD=shared["R_PAD"], PRECISION=shared["PRECISION"], INTERPRETER=shared["INTERPRETER"], **launch)
+    try:
+        k.lora_up_grads_kernel[(row_blocks, col_splits)](
+            grad_out, u, lora_b, grad_u, grad_b, part_u, part_b, counters, m, n, col_splits, cols_per_split, R=r,
+            R_PAD=shared["R_PAD"], PRECISION=shared["PRECISION"], INTERPRETER=shared["INTERPRETER"], **launch)
+    except OutOfResources:  # raised when the kernel is compiled for this GPU, before it runs
+        _UP_GRADS_DO_NOT_FIT.add((grad_out.device, grad_out.dtype))
+        return _two_matmuls(grad_out, u, lora_b)
     return grad_u, grad_b
+
+
+def _two_matmuls(grad_out: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora_up_grads' results from two matmuls, B's gradient summed in fp32 (on a GPU one GEMM with an
+    fp32 output)."""
+    grad_u = torch.mm(grad_out, lora_b.to(grad_out.dtype))
+    if grad_out.is_cuda and grad_out.dtype in (torch.bfloat16, torch.float16):
+        return grad_u, torch.mm(grad_out.t(), u, out_dtype=torch.float32).to(lora_b.dtype)
+    return grad_u, torch.mm(grad_out.t().float(), u.float()).to(lora_b.dtype)
 
 
 def frozen_weight(weight: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor | None,
