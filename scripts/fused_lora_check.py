@@ -198,6 +198,7 @@ def main() -> None:
 
 
 def sweep_up_grads(device) -> None:
+    """Time lora_up_grads at each tile setting over the three output widths, and print the best."""
     chosen, results = dict(fused_lora.LAUNCH["up_grads"]), []
     for block_m, block_n, warps, stages, waves in itertools.product([256, 512, 1024], [32, 64, 128], [4, 8],
                                                                       [2, 3, 4], [1]):
