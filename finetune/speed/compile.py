@@ -114,6 +114,12 @@ def compile_blocks(model, cuda_graphs: bool = False, widths: int = 16) -> int:
     graphs = 2 * 2 * 2 * 2 * widths  # (training, evaluation) x kinds of block x (full, short batch) x (mask, none)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 2 * graphs)
+    # transformers >= 5.25 wraps attention's forward in `kernels`' use_kernelized_func, which sets and
+    # resets a module-level variable around the call: inside the checkpoint that the blocks compile
+    # around themselves, Dynamo refuses that side effect and the whole block runs uncompiled. It is
+    # undone before the forward returns, so a recompute has nothing to replay.
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in blocks:
         block.compile(mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
     return len(blocks)
