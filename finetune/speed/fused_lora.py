@@ -201,12 +201,12 @@ def lora_up_grads(grad_out: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor)
     from finetune.speed import lora_kernels as k
 
     m, n = grad_out.shape
-    r = u.shape[1]
-    launch = LAUNCH["up_grads"]
-    row_blocks = -(-m // launch["BLOCK_M"])
-    if m == 0 or n == 0 or row_blocks > UP_GRAD_MAX_ROW_BLOCKS or (grad_out.device, grad_out.dtype) in _UP_GRADS_DO_NOT_FIT:
+    if m == 0 or n == 0 or (grad_out.device, grad_out.dtype) in _UP_GRADS_DO_NOT_FIT:
         return _two_matmuls(grad_out, u, lora_b)
     row_blocks, col_splits, cols_per_split = _up_grad_splits(m, n, grad_out)
+    if row_blocks > UP_GRAD_MAX_ROW_BLOCKS:
+        return _two_matmuls(grad_out, u, lora_b)
+    r = u.shape[1]
     grad_u, grad_b = grad_out.new_empty(m, r), torch.empty_like(lora_b)
     part_u = torch.empty(col_splits, m, r, device=u.device, dtype=torch.float32)
     part_b = torch.empty(row_blocks, n, r, device=u.device, dtype=torch.float32)
@@ -215,7 +215,8 @@ def lora_up_grads(grad_out: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor)
     try:
         k.lora_up_grads_kernel[(row_blocks, col_splits)](
             grad_out, u, lora_b, grad_u, grad_b, part_u, part_b, counters, m, n, col_splits, cols_per_split, R=r,
-            R_PAD=shared["R_PAD"], PRECISION=shared["PRECISION"], INTERPRETER=shared["INTERPRETER"], **launch)
+            R_PAD=shared["R_PAD"], PRECISION=shared["PRECISION"], INTERPRETER=shared["INTERPRETER"],
+            **LAUNCH["up_grads"])
     except OutOfResources:  # raised when the kernel is compiled for this GPU, before it runs
         _UP_GRADS_DO_NOT_FIT.add((grad_out.device, grad_out.dtype))
         return _two_matmuls(grad_out, u, lora_b)

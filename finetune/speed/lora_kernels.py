@@ -178,8 +178,9 @@ def lora_up_grads_kernel(g_ptr, u_ptr, b_ptr, grad_u_ptr, grad_b_ptr, part_u_ptr
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R_PAD)
     rank_in = ranks < R
+    row_in = rows < M
     u_tile = rows[:, None] * R + ranks[None, :]
-    u_in = (rows < M)[:, None] & rank_in[None, :]
+    u_in = row_in[:, None] & rank_in[None, :]
     u = tl.load(u_ptr + u_tile, mask=u_in, other=0.0)
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * N
     col_start = col_split * cols_per_split
@@ -190,7 +191,7 @@ def lora_up_grads_kernel(g_ptr, u_ptr, b_ptr, grad_u_ptr, grad_b_ptr, part_u_ptr
         col_in = cols < col_end
         b_tile = cols[:, None] * R + ranks[None, :]
         b_in = col_in[:, None] & rank_in[None, :]
-        g = tl.load(g_rows + cols[None, :], mask=(rows < M)[:, None] & col_in[None, :], other=0.0)
+        g = tl.load(g_rows + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
         b = tl.load(b_ptr + b_tile, mask=b_in, other=0.0)
         acc_u = mma(g, rounded(b, g_ptr.dtype.element_ty, INTERPRETER), acc_u, PRECISION, INTERPRETER)
         grad_b = mma(tl.trans(g), u, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), PRECISION, INTERPRETER)
