@@ -1,9 +1,11 @@
-"""The training loop, read top to bottom: setup, `train_step`, the loop, finish.
+"""The training loop, read top to bottom: setup, the step (`queue_step`, `finish_step`, `Steps`), the
+loop, finish.
 
 Built on `accelerate.Accelerator` for device placement, mixed precision and multi-GPU, with the
 gradient accumulation written out by hand so that the loss of a step is the mean over every target
-token of the step (all micro-batches, all processes), not a mean of per-batch means. `train_step`
-is the whole of one optimizer step; scripts/bench.py times this same function.
+token of the step (all micro-batches, all processes), not a mean of per-batch means. The loop runs
+its steps through `Steps`, which queues each step behind the one before and reads that one's numbers
+only then; scripts/bench.py times steps through the same class.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class StepOutcome:
     scaler_overflow: bool  # an fp16 grad scaler's overflow (finite loss, inf gradients): its normal search
     tokens: int  # tokens in the step's batches (attention mask), over every process
     metrics: dict  # the objective's step means (DPO/ORPO rewards, margins, accuracies); empty for sft
+    seconds: float  # from the step's start (or the end of the step before it, when queued behind it) to its end
 
 
 def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
@@ -107,10 +110,24 @@ def build_scheduler(optimizer, t: TrainConfig):
     return get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps_for_run(), num_training_steps=t.max_steps)
 
 
-def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accelerator: Accelerator, params: list,
-               speed: SpeedConfig, max_grad_norm: float, objective=None) -> StepOutcome:
-    """One optimizer step over `micro_batches` (train.grad_accum of them); a non-finite step changes no
-    parameter or optimizer number.
+@dataclass
+class QueuedStep:
+    """An optimizer step whose work is queued on the device and whose numbers are not read yet."""
+
+    numbers: torch.Tensor  # grad norm, loss sum, then the metric sums (float64), in host memory once `ready`
+    ready: Optional[torch.cuda.Event]  # fires when `numbers` has arrived; None where it already has (CPU)
+    metric_names: list[str]
+    tokens: int
+    update_queued: bool  # the update is queued too, skipped on the device if the step is not finite
+    clock_start: float = 0.0  # perf_counter() from which the step's time is counted
+
+
+def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Accelerator, params: list,
+               speed: SpeedConfig, max_grad_norm: float, objective=None, before_update=None) -> QueuedStep:
+    """Queue one optimizer step over `micro_batches` (train.grad_accum of them) without waiting for the
+    device: forward and backward, clipping and, where the optimizer can skip a non-finite step on the
+    device, the update. `before_update()` runs once the gradients are queued and before the update (Steps
+    reads the previous step's numbers there and takes its LR schedule step).
 
     `objective` (finetune.objectives) is what the step minimizes; next-token cross-entropy by default.
     """
@@ -147,9 +164,10 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accele
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
     grad_norm = torch.as_tensor(grad_norm).to(loss_all).reshape(())
     sums = [accelerator.reduce(value, reduction="sum") for value in (loss_all, *metrics_all.values())]
-    scaler = accelerator.scaler
-    skips_on_device = scaler is None and _skips_non_finite_on_device(optimizer, grad_norm.device)
-    if skips_on_device:
+    if before_update is not None:
+        before_update()
+    update_queued = accelerator.scaler is None and _skips_non_finite_on_device(optimizer, grad_norm.device)
+    if update_queued:
         # Queued before the host reads the step's numbers, so the GPU runs the update while the host
         # waits for them (launched after, the GPU idles until the launch): fused AdamW leaves the
         # parameters and its state's numbers as they were when found_inf is set, as for a grad scaler.
@@ -159,19 +177,94 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accele
             optimizer.step()
         finally:
             del inner.found_inf
-    # One copy to the host for all of them: each waits for the GPU, and the GPU then waits for the next launch.
-    grad_norm, loss, *metric_values = torch.stack([grad_norm, *sums]).tolist()
-    metrics = dict(zip(metrics_all, metric_values))
+        optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
+    # One copy to the host for all of them, which the host waits for only when it reads them.
+    numbers, ready = torch.stack([grad_norm, *sums]), None
+    if numbers.is_cuda:
+        numbers = numbers.to("cpu", non_blocking=True)  # into pinned memory: the copy does not block
+        ready = torch.cuda.Event()
+        ready.record()
+    return QueuedStep(numbers, ready, list(metrics_all), tokens, update_queued)
+
+
+def finish_step(queued: QueuedStep, optimizer, scheduler, scaler=None) -> StepOutcome:
+    """Read a queued step's numbers (waiting for them) and end the step: the update where queue_step
+    could not queue it, and the LR schedule's step if the step was finite. A non-finite step changes no
+    parameter or optimizer number."""
+    if queued.ready is not None:
+        queued.ready.synchronize()
+    grad_norm, loss, *metric_values = queued.numbers.tolist()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if (finite or scaler is not None) and not skips_on_device:
-        # With an fp16 grad scaler this runs on non-finite steps too: the scaler then skips the update
-        # itself and lowers its scale (it must see every step, or it never recovers).
-        optimizer.step()
+    if not queued.update_queued:
+        if finite or scaler is not None:
+            # With an fp16 grad scaler this runs on non-finite steps too: the scaler then skips the update
+            # itself and lowers its scale (it must see every step, or it never recovers).
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
     if finite:
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
-    return StepOutcome(loss, grad_norm, finite, scaler is not None and math.isfinite(loss) and not finite, tokens,
-                       metrics)
+    return StepOutcome(loss, grad_norm, finite, scaler is not None and math.isfinite(loss) and not finite,
+                       queued.tokens, dict(zip(queued.metric_names, metric_values)),
+                       time.perf_counter() - queued.clock_start)
+
+
+class Steps:
+    """Optimizer steps queued back to back: a step's numbers are read once the next step's forward and
+    backward are queued, so the device goes from one step to the next without waiting for the host
+    (its bookkeeping, the next batch, the forward's first launches). The training loop and
+    scripts/bench.py both run their steps through this.
+
+    The previous step is read first instead (`queue` returns it before queueing) where its update
+    could not be queued on the device (an fp16 grad scaler, optimizers that skip on the host, FSDP2's
+    sharded parameters) or with several processes. `finish()` reads the pending step now: the loop
+    calls it before a step that saves, evaluates or stops, so nothing of the next step has run then.
+    """
+
+    def __init__(self, model, optimizer, scheduler, *, accelerator: Accelerator, params: list, speed: SpeedConfig,
+                 max_grad_norm: float, objective=None):
+        self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
+        self.step_arguments = dict(accelerator=accelerator, params=params, speed=speed, max_grad_norm=max_grad_norm,
+                                   objective=objective)
+        self.pending: Optional[QueuedStep] = None
+        self.last_read = 0.0  # when the last step ended (its numbers were read)
+
+    def can_overlap(self) -> bool:
+        """Whether the next step can be queued behind the pending one (see the class)."""
+        return self.pending is not None and self.pending.update_queued and self.accelerator.num_processes == 1
+
+    def queue(self, micro_batches: list[dict]) -> Optional[StepOutcome]:
+        """Queue a step; returns the step that was pending before it, read while this one was queued
+        (or before, see the class), or None."""
+        earlier: list[StepOutcome] = []
+        overlap = self.can_overlap()
+        if self.pending is not None and not overlap:
+            earlier.append(self.finish())
+        clock_start = None if overlap else time.perf_counter()
+        queued = queue_step(self.model, self.optimizer, micro_batches, **self.step_arguments,
+                            before_update=(lambda: earlier.append(self.finish())) if overlap else None)
+        # Its time runs from the end of the step before it when it was queued behind that one.
+        queued.clock_start = self.last_read if overlap else clock_start
+        self.pending = queued
+        return earlier[0] if earlier else None
+
+    def finish(self) -> Optional[StepOutcome]:
+        """Read the pending step (waiting for the device) and end it; None if no step is pending."""
+        if self.pending is None:
+            return None
+        queued, self.pending = self.pending, None
+        outcome = finish_step(queued, self.optimizer, self.scheduler, self.accelerator.scaler)
+        self.last_read = queued.clock_start + outcome.seconds
+        return outcome
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accelerator: Accelerator, params: list,
+               speed: SpeedConfig, max_grad_norm: float, objective=None) -> StepOutcome:
+    """One optimizer step over `micro_batches`, queued and read at once (Steps overlaps them)."""
+    clock_start = time.perf_counter()
+    queued = queue_step(model, optimizer, micro_batches, accelerator=accelerator, params=params, speed=speed,
+                        max_grad_norm=max_grad_norm, objective=objective)
+    queued.clock_start = clock_start
+    return finish_step(queued, optimizer, scheduler, accelerator.scaler)
 
 
 def record_cuda_graphs(model, batch: dict, *, accelerator: Accelerator, speed: SpeedConfig, objective) -> float:
@@ -384,14 +477,22 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
     progress = tqdm(range(first_step, t.max_steps + 1), initial=first_step - 1, total=t.max_steps,
                     desc="training", disable=not is_main, dynamic_ncols=True)
     launch = report.Throughput()  # this launch's step times, for the steady-state rate
-    for step in progress:
-        step_start = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(t.grad_accum)]
-        outcome = train_step(model, optimizer, scheduler, micro_batches, accelerator=accelerator, params=params,
-                             speed=cfg.speed, max_grad_norm=t.max_grad_norm, objective=objective)
-        seconds = time.perf_counter() - step_start
-        state.step, state.tokens_seen, state.train_seconds = step, state.tokens_seen + outcome.tokens, state.train_seconds + seconds
-        launch.add(outcome.tokens, seconds)
+    steps = Steps(model, optimizer, scheduler, accelerator=accelerator, params=params, speed=cfg.speed,
+                  max_grad_norm=t.max_grad_norm, objective=objective)
+
+    def ends_alone(step: int) -> bool:
+        """Whether `step` evaluates, saves or may stop the run: then it is read and accounted before the
+        next step is queued, so the checkpoint, the eval and the random generators are the step's own."""
+        return bool(stop.received or (t.eval_every and step % t.eval_every == 0 and data.eval is not None)
+                    or (t.save_every and step % t.save_every == 0)
+                    or (t.stop_after_steps is not None and step - first_step + 1 >= t.stop_after_steps))
+
+    def account(step: int, outcome: StepOutcome, next_step_queued: bool) -> Optional[RunResult]:
+        """Count, log, evaluate, save and maybe stop after `step`; returns the result of a run that stops
+        here. With the next step already queued it only counts and logs (ends_alone said so)."""
+        state.step, state.tokens_seen = step, state.tokens_seen + outcome.tokens
+        state.train_seconds += outcome.seconds
+        launch.add(outcome.tokens, outcome.seconds)
 
         # A non-finite step would poison the adapter: it was skipped, and is counted here. An fp16
         # scaler's overflow is its normal way to find a scale (each one halves it): counted, but it
@@ -420,6 +521,8 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
                 accelerator.log({"train/loss": outcome.loss, "train/lr": lr, "train/grad_norm": outcome.grad_norm,
                                  "train/tokens_per_s": tok_s, "train/peak_memory_gib": peak,
                                  **{f"train/{k}": v for k, v in outcome.metrics.items()}}, step=step)
+        if next_step_queued:
+            return None
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and data.eval is not None:
             eval_loss = evaluate(model, eval_batches(data, t, collate, accelerator), accelerator, cfg.speed, objective)
             state.evals.append([step, eval_loss])
@@ -432,7 +535,9 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
         # A stop request ends the run here with a checkpoint, resumable with train.resume=auto:
         # SIGTERM/SIGINT (preemption, Ctrl-C), or train.stop_after_steps (a time-boxed job). The
         # processes agree on it first: one stopping alone would leave the others waiting forever.
-        signum = int(accelerator.gather(torch.tensor([stop.received or 0], device=device)).max())
+        signum = stop.received or 0
+        if accelerator.num_processes > 1:
+            signum = int(accelerator.gather(torch.tensor([signum], device=device)).max())
         time_boxed = t.stop_after_steps is not None and step - first_step + 1 >= t.stop_after_steps
         if (signum or time_boxed) and step < t.max_steps:
             saved = saved or save(step)
@@ -446,6 +551,20 @@ def _train(cfg: Config, source: str, run_dir: Path, resume_from: Optional[Path],
                 raise SystemExit(128 + signum)  # as a shell reports a process ended by that signal
             return RunResult({"stopped_at_step": step, "checkpoint": str(saved)}, accelerator.unwrap_model(model),
                              tokenizer)
+        return None
+
+    for step in progress:
+        # The step before is still pending when it was queued behind: read it now if it must end alone.
+        if steps.pending is not None and (not steps.can_overlap() or ends_alone(step - 1)):
+            stopped = account(step - 1, steps.finish(), next_step_queued=False)
+            if stopped is not None:
+                return stopped
+        micro_batches = [next(batches) for _ in range(t.grad_accum)]
+        earlier = steps.queue(micro_batches)  # the step before, read once this one's gradients were queued
+        if earlier is not None:
+            account(step - 1, earlier, next_step_queued=True)
+    if steps.pending is not None:
+        account(t.max_steps, steps.finish(), next_step_queued=False)
     progress.close()
 
     # 5. Final eval, adapter, samples and the end-of-run summary.

@@ -400,7 +400,7 @@ def our_config(model_dir: str, overrides: list[str], seq: int):
 def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overrides: list[str], seq: int,
                 profile: bool = False) -> None:
     """Our side: the model, optimizer and scheduler built as finetune.loop builds them, and each step
-    timed through finetune.loop.train_step, the function the training loop calls."""
+    timed through finetune.loop.Steps, which the training loop runs its steps through."""
     from accelerate import Accelerator
 
     from finetune.loop import build_optimizer, build_scheduler
@@ -439,7 +439,7 @@ def compile_each_width(model, cfg, batches: list[dict]) -> dict:
 
 def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: list[dict], warmup: int,
                 profile: bool) -> dict:
-    from finetune.loop import train_step
+    from finetune.loop import Steps
 
     accum = cfg.train.grad_accum
     times, losses, tokens = [], [], []
@@ -452,18 +452,22 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
         profiler = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                  schedule=schedule(wait=0, warmup=warmup, active=2, repeat=1))
         profiler.start()
-    for i in range(0, len(batches) - accum + 1, accum):
-        micro_batches = batches[i:i + accum]
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        outcome = train_step(model, optimizer, scheduler, micro_batches, accelerator=accelerator, params=params,
-                             speed=cfg.speed, max_grad_norm=cfg.train.max_grad_norm)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    def record(outcome) -> None:
+        times.append(outcome.seconds)
         losses.append(outcome.loss)
         tokens.append(outcome.tokens)
         if profiler is not None:
             profiler.step()
+
+    # back to back, as the training loop runs them: each step's numbers read once the next is queued
+    steps = Steps(model, optimizer, scheduler, accelerator=accelerator, params=params, speed=cfg.speed,
+                  max_grad_norm=cfg.train.max_grad_norm)
+    torch.cuda.synchronize()
+    for i in range(0, len(batches) - accum + 1, accum):
+        earlier = steps.queue(batches[i:i + accum])
+        if earlier is not None:
+            record(earlier)
+    record(steps.finish())
     if profiler is not None:
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90),

@@ -141,6 +141,30 @@ def test_both_reductions_add_up_over_several_splits():
                                rtol=1e-4, atol=1e-4)
 
 
+def test_the_split_reductions_share_counts_that_each_kernel_leaves_at_zero(monkeypatch):
+    """The three kernels with split reductions share one buffer of arrival counts per device. Each kernel
+    sets its counts back to 0, so calls after the first (of other shapes, several splits each) still
+    add up right from the same buffer, never filled again."""
+    monkeypatch.setattr(fused_lora, "_ARRIVAL_COUNTS", {})
+    seed = torch.tensor(3, dtype=torch.int32)
+    buffers = []
+    for m, width in [(256, 1000), (200, 700), (256, 1000)]:
+        x, weight, grad_u = torch.randn(m, width), torch.randn(16, width) * 0.1, torch.randn(m, 16)
+        grad_out, u = torch.randn(m * 5, width // 2, dtype=torch.bfloat16), torch.randn(m * 5, 16, dtype=torch.bfloat16)
+        b = torch.randn(width // 2, 16)
+        dropped = x * reference_keep(m, width, 3, 0.2) * kept_scale(0.2)
+        results = [fused_lora.lora_down(x, weight, seed, 0.2), fused_lora.lora_down_grad_weight(grad_u, x, seed, 0.2),
+                   *fused_lora.lora_up_grads(grad_out, u, b)]
+        expected = [dropped @ weight.T, grad_u.T @ dropped,
+                    (grad_out.float() @ b.to(torch.bfloat16).float()).to(torch.bfloat16), grad_out.float().T @ u.float()]
+        for got, want in zip(results, expected):
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-4)
+        [counts] = fused_lora._ARRIVAL_COUNTS[x.device]  # one buffer, filled once when it was made
+        assert not counts.any()
+        buffers.append(counts)
+    assert all(counts is buffers[0] for counts in buffers)
+
+
 class _TilesTooLarge:
     """Stands in for a Triton kernel whose tiles exceed the GPU's shared memory: launching it raises what
     Triton raises when it loads such a kernel."""

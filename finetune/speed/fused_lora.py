@@ -78,6 +78,25 @@ def _up_grad_splits(m: int, n: int, x: torch.Tensor) -> tuple[int, int, int]:
     return row_blocks, -(-n // cols_per_split), cols_per_split
 
 
+# The split reductions' arrival counts (an int32 per tile), one buffer per device that every kernel
+# call shares: each kernel leaves its counts at 0 (lora_kernels.last_to_arrive), so no fill kernel runs per
+# call (679 of them per llama3-8b step, each a microsecond plus a launch). A buffer is grown outside CUDA
+# graph capture only, and one that is outgrown is kept: a recorded graph may still point at it.
+_ARRIVAL_COUNTS: dict[torch.device, list[torch.Tensor]] = {}
+ARRIVAL_COUNTS_MIN = 4096
+
+
+def _arrival_counts(n: int, like: torch.Tensor) -> torch.Tensor:
+    """n zeroed int32 arrival counts on like's device, from the shared buffer when it is large enough."""
+    buffers = _ARRIVAL_COUNTS.setdefault(like.device, [])
+    if buffers and buffers[-1].numel() >= n:
+        return buffers[-1][:n]
+    if like.is_cuda and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, device=like.device, dtype=torch.int32)  # left to the graph's own memory
+    buffers.append(torch.zeros(max(n, ARRIVAL_COUNTS_MIN), device=like.device, dtype=torch.int32))
+    return buffers[-1][:n]
+
+
 MASK_STEPS = 2**16  # each keep bit compares 16 bits of the hash with p's share of them
 
 
@@ -109,7 +128,7 @@ def lora_down(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: floa
     splits, cols_per_split = _splits(width, launch["BLOCK_K"], row_blocks, x)
     u = x.new_empty(m, r)
     partial = torch.empty(splits, m, r, device=x.device, dtype=torch.float32)
-    counters = torch.zeros(row_blocks, device=x.device, dtype=torch.int32)
+    counters = _arrival_counts(row_blocks, x)
     k.lora_down_kernel[(row_blocks, splits)](x, weight, u, partial, counters, seed, m, width, splits, cols_per_split,
                                              **launch, **_shared_arguments(p, r, x, scaling))
     return u
@@ -155,7 +174,7 @@ def lora_down_grad_weight(grad_u: torch.Tensor, x: torch.Tensor, seed: torch.Ten
     splits, rows_per_split = _splits(m, launch["BLOCK_M"], column_blocks, x)
     grad_a = torch.empty(r, width, device=x.device, dtype=torch.float32)
     partial = torch.empty(splits, r, width, device=x.device, dtype=torch.float32)
-    counters = torch.zeros(column_blocks, device=x.device, dtype=torch.int32)
+    counters = _arrival_counts(column_blocks, x)
     k.lora_down_grad_weight_kernel[(column_blocks, splits)](
         grad_u, x, grad_a, partial, counters, seed, m, width, splits, rows_per_split, **launch,
         **_shared_arguments(p, r, x, scaling))
@@ -210,7 +229,7 @@ def lora_up_grads(grad_out: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor)
     grad_u, grad_b = grad_out.new_empty(m, r), torch.empty_like(lora_b)
     part_u = torch.empty(col_splits, m, r, device=u.device, dtype=torch.float32)
     part_b = torch.empty(row_blocks, n, r, device=u.device, dtype=torch.float32)
-    counters = torch.zeros(row_blocks + col_splits, device=u.device, dtype=torch.int32)
+    counters = _arrival_counts(row_blocks + col_splits, u)
     shared = _shared_arguments(0.0, r, grad_out, 1.0)
     try:
         k.lora_up_grads_kernel[(row_blocks, col_splits)](

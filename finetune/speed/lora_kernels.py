@@ -18,8 +18,8 @@ fused_lora_check.py --p 0 times them without it; docs/decisions.md). int32 produ
 needs; `>>` on int32 copies the sign bit, so each shift is masked to a logical one.
 
 A reduction split over programs (to fill the GPU) ends inside the kernel: each split stores its fp32
-partial sum, and the program that finishes a tile's last split (an atomic count per tile) adds the
-partials in split order and writes the result. So there is no sum kernel after, and no atomics on the
+partial sum, and the program that finishes a tile's last split (an atomic count per tile, which it
+sets back to 0) adds the partials in split order and writes the result. So there is no sum kernel after, and no atomics on the
 values: the same inputs give the same bits.
 
 Row offsets are int64: at long context M x K passes 2**31.
@@ -82,9 +82,13 @@ def rounded(value, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 def last_to_arrive(counter_ptr, arrivals):
     """True in the one program, of the `arrivals` that reach this for the counter, that reaches it last.
     The barrier and the atomic's release make every store the program made before visible to that
-    one, whose acquire orders its loads after them."""
+    one, whose acquire orders its loads after them. That program sets the count back to 0 (no other
+    program of the launch touches it again), so the counts are zeros again when the kernel ends and
+    the next kernel can use them without a fill."""
     tl.debug_barrier()
-    return tl.atomic_add(counter_ptr, 1, sem="acq_rel") == arrivals - 1
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == arrivals - 1
+    tl.store(counter_ptr, 0, mask=last)
+    return last
 
 
 @triton.jit
