@@ -142,12 +142,16 @@ def test_both_reductions_add_up_over_several_splits():
 
 
 def test_the_split_reductions_share_counts_that_each_kernel_leaves_at_zero(monkeypatch):
-    """The three kernels with split reductions share one buffer of arrival counts per device. Each kernel
-    sets its counts back to 0, so calls after the first (of other shapes, several splits each) still
-    add up right from the same buffer, never filled again."""
+    """The three kernels with split reductions share one buffer of arrival counts per device, made
+    when the layers are fused. Each kernel sets its counts back to 0, so calls after the first (of other
+    shapes, several splits each) still add up right from the same buffer, never filled again; a call
+    needing more counts than it holds gets its own."""
     monkeypatch.setattr(fused_lora, "_ARRIVAL_COUNTS", {})
+    fused_lora.keep_arrival_counts(torch.device("cpu"))
+    counts = fused_lora._ARRIVAL_COUNTS[torch.device("cpu")]
+    assert fused_lora._arrival_counts(5, counts).data_ptr() == counts.data_ptr()
+    assert fused_lora._arrival_counts(fused_lora.ARRIVAL_COUNTS + 1, counts).data_ptr() != counts.data_ptr()
     seed = torch.tensor(3, dtype=torch.int32)
-    buffers = []
     for m, width in [(256, 1000), (200, 700), (256, 1000)]:
         x, weight, grad_u = torch.randn(m, width), torch.randn(16, width) * 0.1, torch.randn(m, 16)
         grad_out, u = torch.randn(m * 5, width // 2, dtype=torch.bfloat16), torch.randn(m * 5, 16, dtype=torch.bfloat16)
@@ -159,10 +163,7 @@ def test_the_split_reductions_share_counts_that_each_kernel_leaves_at_zero(monke
                     (grad_out.float() @ b.to(torch.bfloat16).float()).to(torch.bfloat16), grad_out.float().T @ u.float()]
         for got, want in zip(results, expected):
             torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-4)
-        [counts] = fused_lora._ARRIVAL_COUNTS[x.device]  # one buffer, filled once when it was made
-        assert not counts.any()
-        buffers.append(counts)
-    assert all(counts is buffers[0] for counts in buffers)
+        assert fused_lora._ARRIVAL_COUNTS[torch.device("cpu")] is counts and not counts.any()
 
 
 class _TilesTooLarge:

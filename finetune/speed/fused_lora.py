@@ -80,21 +80,26 @@ def _up_grad_splits(m: int, n: int, x: torch.Tensor) -> tuple[int, int, int]:
 
 # The split reductions' arrival counts (an int32 per tile), one buffer per device that every kernel
 # call shares: each kernel leaves its counts at 0 (lora_kernels.last_to_arrive), so no fill kernel runs per
-# call (679 of them per llama3-8b step, each a microsecond plus a launch). A buffer is grown outside CUDA
-# graph capture only, and one that is outgrown is kept: a recorded graph may still point at it.
-_ARRIVAL_COUNTS: dict[torch.device, list[torch.Tensor]] = {}
-ARRIVAL_COUNTS_MIN = 4096
+# call (679 of them per llama3-8b step, each a microsecond plus a launch). Made when the layers are
+# fused, before anything is compiled or recorded: made in a compiled block's first run under CUDA graphs,
+# it would sit in the graphs' memory pool, which must hold nothing but their outputs (cudagraph trees
+# refuse to record). 65,536 counts (256 KiB) cover 2M tokens per micro-batch at the down-projection's
+# 32-row blocks; a call that needs more, or on a device without the buffer, gets counts of its own.
+_ARRIVAL_COUNTS: dict[torch.device, torch.Tensor] = {}
+ARRIVAL_COUNTS = 65536
+
+
+def keep_arrival_counts(device: torch.device) -> None:
+    """Make `device`'s shared buffer of arrival counts, once."""
+    if device not in _ARRIVAL_COUNTS:
+        _ARRIVAL_COUNTS[device] = torch.zeros(ARRIVAL_COUNTS, device=device, dtype=torch.int32)
 
 
 def _arrival_counts(n: int, like: torch.Tensor) -> torch.Tensor:
-    """n zeroed int32 arrival counts on like's device, from the shared buffer when it is large enough."""
-    buffers = _ARRIVAL_COUNTS.setdefault(like.device, [])
-    if buffers and buffers[-1].numel() >= n:
-        return buffers[-1][:n]
-    if like.is_cuda and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, device=like.device, dtype=torch.int32)  # left to the graph's own memory
-    buffers.append(torch.zeros(max(n, ARRIVAL_COUNTS_MIN), device=like.device, dtype=torch.int32))
-    return buffers[-1][:n]
+    """n zeroed int32 arrival counts on like's device: the shared buffer's first n where it is large enough."""
+    counts = _ARRIVAL_COUNTS.get(like.device)
+    return counts[:n] if counts is not None and counts.numel() >= n else \
+        torch.zeros(n, device=like.device, dtype=torch.int32)
 
 
 MASK_STEPS = 2**16  # each keep bit compares 16 bits of the hash with p's share of them
@@ -445,6 +450,9 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
             module.finetune_peft_forward = module.forward
             module.forward = types.MethodType(fused_forward, module)
             fused += 1
+            for adapter in module.lora_A.values():
+                if adapter.weight.device.type in ("cuda", "cpu"):
+                    keep_arrival_counts(adapter.weight.device)
     return fused
 
 
