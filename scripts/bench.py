@@ -697,7 +697,8 @@ def main() -> None:
         compiled = "".join(f", {k} {v}" for k, v in r.get("compiled", {}).items())
         agreement = f"; {loss_agreement(r, results['hf'], args.warmup)}" if "hf" in results and side != "hf" else ""
         print(f"{side}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {100 * r['mfu']:.1f}%"
-              f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}{agreement}", flush=True)
+              f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}{agreement}; step ms "
+              f"{' '.join(f'{1e3 * x:.0f}' for x in r['step_seconds'])}", flush=True)
         finite = [math.isfinite(x) for x in r["losses"] + r.get("grad_norms", [])]
         if worker in PEER_SIDES and not all(finite):
             print(f"--- {side}: non-finite values; grad norms "
