@@ -68,7 +68,7 @@ class StepOutcome:
     scaler_overflow: bool  # an fp16 grad scaler's overflow (finite loss, inf gradients): its normal search
     tokens: int  # tokens in the step's batches (attention mask), over every process
     metrics: dict  # the objective's step means (DPO/ORPO rewards, margins, accuracies); empty for sft
-    seconds: float  # from the step's start (or the end of the step before it, when queued behind it) to its end
+    seconds: float  # from the step's start (or the end of the step it was queued behind) to its end
 
 
 def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
@@ -115,11 +115,25 @@ class QueuedStep:
     """An optimizer step whose work is queued on the device and whose numbers are not read yet."""
 
     numbers: torch.Tensor  # grad norm, loss sum, then the metric sums (float64), in host memory once `ready`
-    ready: Optional[torch.cuda.Event]  # fires when `numbers` has arrived; None where it already has (CPU)
+    ready: Optional[torch.cuda.Event]  # fires when `numbers` has arrived (the step's end); None on the CPU
     metric_names: list[str]
     tokens: int
     update_queued: bool  # the update is queued too, skipped on the device if the step is not finite
-    clock_start: float = 0.0  # perf_counter() from which the step's time is counted
+    started: float  # perf_counter() when queue_step was called
+    queued: float  # perf_counter() when it returned: on the CPU, where the work runs as it is queued, the end
+    behind: Optional[tuple[Optional[torch.cuda.Event], float]] = None  # (ready, queued) of the step queued before
+
+
+def _step_seconds(queued: QueuedStep) -> float:
+    """A read step's time: from the end of the step it was queued behind to its own end (on the GPU
+    from one `ready` event to the next, so the host's lead does not move time between steps), or from
+    its start when it was queued alone."""
+    if queued.behind is None:
+        return (time.perf_counter() if queued.ready is not None else queued.queued) - queued.started
+    ready_before, queued_before = queued.behind
+    if queued.ready is not None and ready_before is not None:
+        return ready_before.elapsed_time(queued.ready) / 1e3
+    return queued.queued - queued_before
 
 
 def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Accelerator, params: list,
@@ -131,6 +145,7 @@ def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Acce
 
     `objective` (finetune.objectives) is what the step minimizes; next-token cross-entropy by default.
     """
+    started = time.perf_counter()
     objective = objective or SupervisedObjective()
     device = accelerator.device
     if speed.cuda_graphs:
@@ -182,9 +197,9 @@ def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Acce
     numbers, ready = torch.stack([grad_norm, *sums]), None
     if numbers.is_cuda:
         numbers = numbers.to("cpu", non_blocking=True)  # into pinned memory: the copy does not block
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(enable_timing=True)
         ready.record()
-    return QueuedStep(numbers, ready, list(metrics_all), tokens, update_queued)
+    return QueuedStep(numbers, ready, list(metrics_all), tokens, update_queued, started, time.perf_counter())
 
 
 def finish_step(queued: QueuedStep, optimizer, scheduler, scaler=None) -> StepOutcome:
@@ -204,8 +219,7 @@ def finish_step(queued: QueuedStep, optimizer, scheduler, scaler=None) -> StepOu
     if finite:
         scheduler.step()
     return StepOutcome(loss, grad_norm, finite, scaler is not None and math.isfinite(loss) and not finite,
-                       queued.tokens, dict(zip(queued.metric_names, metric_values)),
-                       time.perf_counter() - queued.clock_start)
+                       queued.tokens, dict(zip(queued.metric_names, metric_values)), _step_seconds(queued))
 
 
 class Steps:
@@ -226,7 +240,6 @@ class Steps:
         self.step_arguments = dict(accelerator=accelerator, params=params, speed=speed, max_grad_norm=max_grad_norm,
                                    objective=objective)
         self.pending: Optional[QueuedStep] = None
-        self.last_read = 0.0  # when the last step ended (its numbers were read)
 
     def can_overlap(self) -> bool:
         """Whether the next step can be queued behind the pending one (see the class)."""
@@ -239,11 +252,10 @@ class Steps:
         overlap = self.can_overlap()
         if self.pending is not None and not overlap:
             earlier.append(self.finish())
-        clock_start = None if overlap else time.perf_counter()
+        behind = (self.pending.ready, self.pending.queued) if overlap else None
         queued = queue_step(self.model, self.optimizer, micro_batches, **self.step_arguments,
                             before_update=(lambda: earlier.append(self.finish())) if overlap else None)
-        # Its time runs from the end of the step before it when it was queued behind that one.
-        queued.clock_start = self.last_read if overlap else clock_start
+        queued.behind = behind  # its time runs from the end of the step it was queued behind
         self.pending = queued
         return earlier[0] if earlier else None
 
@@ -252,18 +264,14 @@ class Steps:
         if self.pending is None:
             return None
         queued, self.pending = self.pending, None
-        outcome = finish_step(queued, self.optimizer, self.scheduler, self.accelerator.scaler)
-        self.last_read = queued.clock_start + outcome.seconds
-        return outcome
+        return finish_step(queued, self.optimizer, self.scheduler, self.accelerator.scaler)
 
 
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], *, accelerator: Accelerator, params: list,
                speed: SpeedConfig, max_grad_norm: float, objective=None) -> StepOutcome:
     """One optimizer step over `micro_batches`, queued and read at once (Steps overlaps them)."""
-    clock_start = time.perf_counter()
     queued = queue_step(model, optimizer, micro_batches, accelerator=accelerator, params=params, speed=speed,
                         max_grad_norm=max_grad_norm, objective=objective)
-    queued.clock_start = clock_start
     return finish_step(queued, optimizer, scheduler, accelerator.scaler)
 
 
