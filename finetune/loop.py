@@ -120,20 +120,21 @@ class QueuedStep:
     tokens: int
     update_queued: bool  # the update is queued too, skipped on the device if the step is not finite
     started: float  # perf_counter() when queue_step was called
+    start: Optional[torch.cuda.Event]  # recorded then, on the GPU
     queued: float  # perf_counter() when it returned: on the CPU, where the work runs as it is queued, the end
     behind: Optional[tuple[Optional[torch.cuda.Event], float]] = None  # (ready, queued) of the step queued before
 
 
 def _step_seconds(queued: QueuedStep) -> float:
-    """A read step's time: from the end of the step it was queued behind to its own end (on the GPU
-    from one `ready` event to the next, so the host's lead does not move time between steps), or from
-    its start when it was queued alone."""
-    if queued.behind is None:
-        return (time.perf_counter() if queued.ready is not None else queued.queued) - queued.started
-    ready_before, queued_before = queued.behind
-    if queued.ready is not None and ready_before is not None:
-        return ready_before.elapsed_time(queued.ready) / 1e3
-    return queued.queued - queued_before
+    """A read step's time: from the end of the step it was queued behind, or from its own start when it
+    was queued alone, to its end. On the GPU from event to event: the host reads a step only once the
+    next one is queued, so times taken at the reads would move time between steps (and count it twice
+    where a step queued alone is read behind the next)."""
+    if queued.ready is None:  # the CPU: the work ran as it was queued
+        return queued.queued - (queued.behind[1] if queued.behind is not None else queued.started)
+    if queued.behind is not None and queued.behind[0] is not None:
+        return queued.behind[0].elapsed_time(queued.ready) / 1e3
+    return queued.start.elapsed_time(queued.ready) / 1e3
 
 
 def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Accelerator, params: list,
@@ -148,6 +149,10 @@ def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Acce
     started = time.perf_counter()
     objective = objective or SupervisedObjective()
     device = accelerator.device
+    start = None
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
     if speed.cuda_graphs:
         # A new step starts: the compiled blocks' CUDA graphs may replay. Without this, cudagraph trees
         # guess step boundaries and, with micro-batches and checkpointed blocks, stay in warm-up for
@@ -199,7 +204,7 @@ def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Acce
         numbers = numbers.to("cpu", non_blocking=True)  # into pinned memory: the copy does not block
         ready = torch.cuda.Event(enable_timing=True)
         ready.record()
-    return QueuedStep(numbers, ready, list(metrics_all), tokens, update_queued, started, time.perf_counter())
+    return QueuedStep(numbers, ready, list(metrics_all), tokens, update_queued, started, start, time.perf_counter())
 
 
 def finish_step(queued: QueuedStep, optimizer, scheduler, scaler=None) -> StepOutcome:

@@ -467,7 +467,8 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
         earlier = steps.queue(batches[i:i + accum])
         if earlier is not None:
             record(earlier)
-    record(steps.finish())
+    if steps.pending is not None:
+        record(steps.finish())
     if profiler is not None:
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90),

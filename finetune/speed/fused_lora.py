@@ -85,6 +85,8 @@ def _up_grad_splits(m: int, n: int, x: torch.Tensor) -> tuple[int, int, int]:
 # it would sit in the graphs' memory pool, which must hold nothing but their outputs (cudagraph trees
 # refuse to record). 65,536 counts (256 KiB) cover 2M tokens per micro-batch at the down-projection's
 # 32-row blocks; a call that needs more, or on a device without the buffer, gets counts of its own.
+# The kernels must run one at a time per device (one stream, as the training step runs them): two
+# launched on different streams at once would add to the same counts.
 _ARRIVAL_COUNTS: dict[torch.device, torch.Tensor] = {}
 ARRIVAL_COUNTS = 65536
 
