@@ -452,6 +452,7 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
         profiler = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                  schedule=schedule(wait=0, warmup=warmup, active=2, repeat=1))
         profiler.start()
+
     def record(outcome) -> None:
         times.append(outcome.seconds)
         losses.append(outcome.loss)

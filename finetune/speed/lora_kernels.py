@@ -19,8 +19,8 @@ needs; `>>` on int32 copies the sign bit, so each shift is masked to a logical o
 
 A reduction split over programs (to fill the GPU) ends inside the kernel: each split stores its fp32
 partial sum, and the program that finishes a tile's last split (an atomic count per tile, which it
-sets back to 0) adds the partials in split order and writes the result. So there is no sum kernel after, and no atomics on the
-values: the same inputs give the same bits.
+sets back to 0) adds the partials in split order and writes the result. So there is no sum kernel
+after, and no atomics on the values: the same inputs give the same bits.
 
 Row offsets are int64: at long context M x K passes 2**31.
 """
