@@ -114,27 +114,27 @@ def build_scheduler(optimizer, t: TrainConfig):
 class QueuedStep:
     """An optimizer step whose work is queued on the device and whose numbers are not read yet."""
 
-    numbers: torch.Tensor  # grad norm, loss sum, then the metric sums (float64), in host memory once `ready`
-    ready: Optional[torch.cuda.Event]  # fires when `numbers` has arrived (the step's end); None on the CPU
+    numbers: torch.Tensor  # grad norm, loss sum, then the metric sums (float64), in host memory once `end` is
     metric_names: list[str]
     tokens: int
     update_queued: bool  # the update is queued too, skipped on the device if the step is not finite
-    started: float  # perf_counter() when queue_step was called
-    start: Optional[torch.cuda.Event]  # recorded then, on the GPU
-    queued: float  # perf_counter() when it returned: on the CPU, where the work runs as it is queued, the end
-    behind: Optional[tuple[Optional[torch.cuda.Event], float]] = None  # (ready, queued) of the step queued before
+    begin: object  # when the step's time starts (_moment): its own start, or the end of the step it was queued behind
+    end: object  # when its work (and the copy of `numbers`) is done
 
 
-def _step_seconds(queued: QueuedStep) -> float:
-    """A read step's time: from the end of the step it was queued behind, or from its own start when it
-    was queued alone, to its end. On the GPU from event to event: the host reads a step only once the
-    next one is queued, so times taken at the reads would move time between steps (and count it twice
-    where a step queued alone is read behind the next)."""
-    if queued.ready is None:  # the CPU: the work ran as it was queued
-        return queued.queued - (queued.behind[1] if queued.behind is not None else queued.started)
-    if queued.behind is not None and queued.behind[0] is not None:
-        return queued.behind[0].elapsed_time(queued.ready) / 1e3
-    return queued.start.elapsed_time(queued.ready) / 1e3
+def _moment(device: torch.device):
+    """Now, on `device`'s clock: an event recorded on the GPU, perf_counter() on the CPU (where the work
+    runs as it is queued). Steps are timed on the GPU from event to event: the host reads a step only
+    once the next is queued, so times taken at the reads would move time between steps."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(begin, end) -> float:
+    return begin.elapsed_time(end) / 1e3 if isinstance(end, torch.cuda.Event) else end - begin
 
 
 def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Accelerator, params: list,
@@ -146,13 +146,9 @@ def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Acce
 
     `objective` (finetune.objectives) is what the step minimizes; next-token cross-entropy by default.
     """
-    started = time.perf_counter()
     objective = objective or SupervisedObjective()
     device = accelerator.device
-    start = None
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
+    begin = _moment(device)
     if speed.cuda_graphs:
         # A new step starts: the compiled blocks' CUDA graphs may replay. Without this, cudagraph trees
         # guess step boundaries and, with micro-batches and checkpointed blocks, stay in warm-up for
@@ -199,20 +195,16 @@ def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Acce
             del inner.found_inf
         optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
     # One copy to the host for all of them, which the host waits for only when it reads them.
-    numbers, ready = torch.stack([grad_norm, *sums]), None
-    if numbers.is_cuda:
-        numbers = numbers.to("cpu", non_blocking=True)  # into pinned memory: the copy does not block
-        ready = torch.cuda.Event(enable_timing=True)
-        ready.record()
-    return QueuedStep(numbers, ready, list(metrics_all), tokens, update_queued, started, start, time.perf_counter())
+    numbers = torch.stack([grad_norm, *sums]).to("cpu", non_blocking=True)  # into pinned memory: no wait
+    return QueuedStep(numbers, list(metrics_all), tokens, update_queued, begin, _moment(device))
 
 
 def finish_step(queued: QueuedStep, optimizer, scheduler, scaler=None) -> StepOutcome:
     """Read a queued step's numbers (waiting for them) and end the step: the update where queue_step
     could not queue it, and the LR schedule's step if the step was finite. A non-finite step changes no
     parameter or optimizer number."""
-    if queued.ready is not None:
-        queued.ready.synchronize()
+    if isinstance(queued.end, torch.cuda.Event):
+        queued.end.synchronize()
     grad_norm, loss, *metric_values = queued.numbers.tolist()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if not queued.update_queued:
@@ -224,7 +216,8 @@ def finish_step(queued: QueuedStep, optimizer, scheduler, scaler=None) -> StepOu
     if finite:
         scheduler.step()
     return StepOutcome(loss, grad_norm, finite, scaler is not None and math.isfinite(loss) and not finite,
-                       queued.tokens, dict(zip(queued.metric_names, metric_values)), _step_seconds(queued))
+                       queued.tokens, dict(zip(queued.metric_names, metric_values)),
+                       _seconds(queued.begin, queued.end))
 
 
 class Steps:
@@ -257,10 +250,11 @@ class Steps:
         overlap = self.can_overlap()
         if self.pending is not None and not overlap:
             earlier.append(self.finish())
-        behind = (self.pending.ready, self.pending.queued) if overlap else None
+        behind = self.pending.end if overlap else None
         queued = queue_step(self.model, self.optimizer, micro_batches, **self.step_arguments,
                             before_update=(lambda: earlier.append(self.finish())) if overlap else None)
-        queued.behind = behind  # its time runs from the end of the step it was queued behind
+        if behind is not None:  # its time runs from the end of the step it was queued behind
+            queued.begin = behind
         self.pending = queued
         return earlier[0] if earlier else None
 
