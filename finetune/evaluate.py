@@ -154,7 +154,7 @@ def mean_nll(model, rows, tokenizer, cfg, device, batch_size: int, desc: str) ->
     from tqdm.auto import tqdm
 
     from finetune.data import Collator
-    from finetune.loss import causal_lm_loss_sum, count_targets
+    from finetune.loss import batch_on_device, causal_lm_loss_sum, count_targets
 
     collate = Collator(tokenizer.pad_token_id)
     dtype = _autocast_dtype(cfg)
@@ -163,7 +163,7 @@ def mean_nll(model, rows, tokenizer, cfg, device, batch_size: int, desc: str) ->
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
             batch = collate(rows.select(range(start, min(start + batch_size, len(rows)))))
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = batch_on_device(batch, device)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 total += float(causal_lm_loss_sum(model, batch, cfg.speed.loss_chunk_size))
             tokens += count_targets(batch)

@@ -36,7 +36,7 @@ from finetune.data import Collator, PreparedData, build_datasets
 from finetune.distributed import full_adapter_state, is_fsdp, make_accelerator, set_wrap_class, strategy
 from finetune.fingerprint import run_fingerprint
 from finetune.generate import generate_samples
-from finetune.loss import IGNORE_INDEX
+from finetune.loss import IGNORE_INDEX, batch_on_device
 from finetune.model import build_model, count_parameters
 from finetune.objectives import SupervisedObjective, add_reference_copy, objective_for
 from finetune.preference import PairCollator, build_preference_datasets
@@ -164,7 +164,7 @@ def queue_step(model, optimizer, micro_batches: list[dict], *, accelerator: Acce
     tokens = 0
     for i, batch in enumerate(micro_batches):
         tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes  # on the CPU: no sync
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = batch_on_device(batch, device)
         # Gradients are synchronized across processes only on the last micro-batch.
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
@@ -287,7 +287,7 @@ def record_cuda_graphs(model, batch: dict, *, accelerator: Accelerator, speed: S
     """
     objective = objective or SupervisedObjective()
     units = objective.units(batch)
-    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    batch = batch_on_device(batch, accelerator.device)
     start = time.perf_counter()
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -312,7 +312,7 @@ def evaluate(model, batches, accelerator: Accelerator, speed: SpeedConfig, objec
         if speed.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         units = objective.units(batch)  # this batch's own counts: its loss is the batch's mean
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = batch_on_device(batch, accelerator.device)
         with accelerator.autocast():
             mean, _ = objective.loss(model, batch, units, speed)
         totals[0] += mean.double() * units[0]

@@ -156,11 +156,24 @@ def supports_chunked_loss(model) -> bool:
     return _decoder_and_head(model) is not None
 
 
+def batch_on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """`batch` on `device`, without its attention mask where that is all ones (no row padded, seen here
+    on the host). The model then masks causally as it would with the mask; given the mask, transformers
+    reads it back from the GPU (`padding_mask.all()`) as it builds the causal mask, a wait inside every
+    forward that keeps the host from queueing a step ahead of the GPU."""
+    mask = batch.get("attention_mask")
+    unpadded = mask is not None and mask.device.type == "cpu" and bool(mask.all())
+    return {k: v.to(device) for k, v in batch.items() if not (unpadded and k == "attention_mask")}
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model gets: packed rows pass position ids and no attention mask (transformers then
-    builds a block-diagonal causal mask from the restarting positions)."""
+    builds a block-diagonal causal mask from the restarting positions); a batch without padding passes
+    no mask (batch_on_device)."""
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if "attention_mask" not in batch:
+        return {"input_ids": batch["input_ids"]}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

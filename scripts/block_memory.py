@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
-    from finetune.loss import causal_lm_loss_sum
+    from finetune.loss import batch_on_device, causal_lm_loss_sum
     from finetune.model import load_base, prepare_for_training
     from finetune.run import compose
     from finetune.speed.compile import checkpointing_of, compile_blocks, decoder_blocks, keep_activations_of_last_blocks
@@ -51,7 +51,7 @@ def main() -> None:
         compile_blocks(model)
     model.train()
     batch = make_batches(make_examples(args.batch, args.seq, args.seq), args.batch, args.seq, False)[0]
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = batch_on_device(batch, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     # A first step (which compiles) records what each block saves; it holds on to those tensors
     # through backward, so the memory is measured on a second step, recording nothing.
