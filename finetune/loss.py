@@ -157,13 +157,17 @@ def supports_chunked_loss(model) -> bool:
 
 
 def batch_on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """`batch` on `device`, without its attention mask where that is all ones (no row padded, seen here
-    on the host). The model then masks causally as it would with the mask; given the mask, transformers
-    reads it back from the GPU (`padding_mask.all()`) as it builds the causal mask, a wait inside every
-    forward that keeps the host from queueing a step ahead of the GPU."""
+    """`batch` on `device` without making the host wait for the GPU: copied from pinned memory, and
+    without its attention mask where that is all ones (no row padded, seen here on the host). The model
+    then masks causally as it would with the mask; given the mask, transformers reads it back from the
+    GPU (`padding_mask.all()`) as it builds the causal mask, a wait inside every forward."""
     mask = batch.get("attention_mask")
     unpadded = mask is not None and mask.device.type == "cpu" and bool(mask.all())
-    return {k: v.to(device) for k, v in batch.items() if not (unpadded and k == "attention_mask")}
+    # From pinned memory the copy is queued (the pinned block is kept until it is done); from pageable
+    # memory the host would wait for it, so for everything queued before it.
+    pinned = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if pinned and v.device.type == "cpu" else v).to(device, non_blocking=pinned)
+            for k, v in batch.items() if not (unpadded and k == "attention_mask")}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
