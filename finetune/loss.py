@@ -157,27 +157,19 @@ def supports_chunked_loss(model) -> bool:
 
 
 def batch_on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """`batch` on `device` without making the host wait for the GPU: copied from pinned memory, and
-    without its attention mask where that is all ones (no row padded, seen here on the host). The model
-    then masks causally as it would with the mask; given the mask, transformers reads it back from the
-    GPU (`padding_mask.all()`) as it builds the causal mask, a wait inside every forward."""
-    mask = batch.get("attention_mask")
-    unpadded = mask is not None and mask.device.type == "cpu" and bool(mask.all())
-    # From pinned memory the copy is queued (the pinned block is kept until it is done); from pageable
-    # memory the host would wait for it, so for everything queued before it.
+    """`batch` on `device`, a CUDA batch copied from pinned memory without the host waiting: torch's
+    blocking copy waits for the stream, i.e. for everything queued before it (the pinned block is
+    kept until the copy is done)."""
     pinned = torch.device(device).type == "cuda"
     return {k: (v.pin_memory() if pinned and v.device.type == "cpu" else v).to(device, non_blocking=pinned)
-            for k, v in batch.items() if not (unpadded and k == "attention_mask")}
+            for k, v in batch.items()}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model gets: packed rows pass position ids and no attention mask (transformers then
-    builds a block-diagonal causal mask from the restarting positions); a batch without padding passes
-    no mask (batch_on_device)."""
+    builds a block-diagonal causal mask from the restarting positions)."""
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    if "attention_mask" not in batch:
-        return {"input_ids": batch["input_ids"]}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

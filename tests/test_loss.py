@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.loss import batch_on_device, causal_lm_loss_sum, model_inputs, supports_chunked_loss
+from finetune.loss import causal_lm_loss_sum, supports_chunked_loss
 from tests.conftest import lora_model, loss_and_grads
 
 
@@ -31,25 +31,6 @@ def test_chunked_loss_equals_plain_loss_and_gradients(arch, autocast, compiled, 
     assert plain_grads.keys() == chunk_grads.keys() and plain_grads
     for name in plain_grads:
         torch.testing.assert_close(chunk_grads[name], plain_grads[name], msg=name, **tol)
-
-
-@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_bloom"])  # BLOOM builds ALiBi from the mask
-@pytest.mark.parametrize("chunk_size", [0, 7])
-def test_a_batch_without_padding_reaches_the_model_without_its_mask_for_the_same_loss(arch, chunk_size, request):
-    model = lora_model(request.getfixturevalue(arch))
-    torch.manual_seed(1)
-    ids = torch.randint(5, model.config.vocab_size, (2, 12))
-    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    moved = batch_on_device(full, torch.device("cpu"))
-    assert model_inputs(moved).keys() == {"input_ids"}
-    padded = {**full, "attention_mask": torch.ones_like(ids).index_fill_(1, torch.arange(9, 12), 0)}
-    assert torch.equal(model_inputs(batch_on_device(padded, torch.device("cpu")))["attention_mask"],
-                       padded["attention_mask"])
-    loss_with, grads_with = loss_and_grads(model, full, chunk_size)
-    loss_without, grads_without = loss_and_grads(model, moved, chunk_size)
-    assert torch.equal(loss_without, loss_with)
-    assert grads_without.keys() == grads_with.keys() and grads_with
-    assert all(torch.equal(grads_without[name], grads_with[name]) for name in grads_with)
 
 
 def test_trainable_head_falls_back_to_the_plain_path(tiny_llama):
