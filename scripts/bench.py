@@ -16,7 +16,8 @@ More runs of our side with config overrides (the README's "Speed and memory" tab
 Each side runs in its own subprocess so peak memory is its own. Prints tokens/s (timed steps after
 warm-up, each step synchronized), peak memory (torch.cuda.max_memory_allocated while training, the
 weights included; paged optimizer state is not counted), MFU against a bf16 matmul rate measured
-here, and the ratios. `--sides ours --override speed=fast --profile` prints the top CUDA kernels.
+here, and the ratios. `--sides ours --override speed=fast --profile` prints the top CUDA kernels;
+`--sync-debug` lists where our timed steps make the host wait for the GPU (timings then do not count).
 
     python scripts/bench.py --shape llama3-8b --batch 1 --max-seq 8192,16384,32768,65536
 
@@ -398,7 +399,7 @@ def our_config(model_dir: str, overrides: list[str], seq: int):
 
 
 def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overrides: list[str], seq: int,
-                profile: bool = False) -> None:
+                profile: bool = False, sync_debug: bool = False) -> None:
     """Our side: the model, optimizer and scheduler built as finetune.loop builds them, and each step
     timed through finetune.loop.Steps, which the training loop runs its steps through."""
     from accelerate import Accelerator
@@ -416,7 +417,7 @@ def worker_ours(model_dir: str, batch_sets: list[list[dict]], warmup: int, overr
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     train_each(batch_sets, lambda batches: _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches,
-                                                       warmup, profile))
+                                                       warmup, profile, sync_debug))
 
 
 def compile_each_width(model, cfg, batches: list[dict]) -> dict:
@@ -437,8 +438,46 @@ def compile_each_width(model, cfg, batches: list[dict]) -> dict:
     return {"widths": len(by_width), "compile_s": round(time.perf_counter() - start)}
 
 
+class SyncSites:
+    """Where the host waits for the GPU while on: torch.cuda.set_sync_debug_mode("warn") warns at each
+    synchronizing CUDA call (a prototype in torch: it does not see every kind of wait), and each warning
+    is counted under its call site, the innermost frames outside torch itself."""
+
+    FRAMES = 4
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self._warnings = self._show = None
+
+    def _note(self, message, category, filename, lineno, file=None, line=None):
+        if "synchronizing CUDA operation" in str(message):
+            import traceback
+
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if f"{os.sep}torch{os.sep}" not in f.filename and f"{os.sep}warnings.py" not in f.filename]
+            site = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-self.FRAMES:]))
+            self.counts[site] = self.counts.get(site, 0) + 1
+        else:
+            self._show(message, category, filename, lineno, file, line)
+
+    def start(self) -> None:
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("always")
+        self._show, warnings.showwarning = warnings.showwarning, self._note  # catch_warnings puts it back
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> list[tuple[int, str]]:
+        """(waits, call site), the most frequent first."""
+        torch.cuda.set_sync_debug_mode("default")
+        self._warnings.__exit__(None, None, None)
+        return sorted(((n, site) for site, n in self.counts.items()), reverse=True)
+
+
 def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: list[dict], warmup: int,
-                profile: bool) -> dict:
+                profile: bool, sync_debug: bool = False) -> dict:
     from finetune.loop import Steps
 
     accum = cfg.train.grad_accum
@@ -463,13 +502,17 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
     # back to back, as the training loop runs them: each step's numbers read once the next is queued
     steps = Steps(model, optimizer, scheduler, accelerator=accelerator, params=params, speed=cfg.speed,
                   max_grad_norm=cfg.train.max_grad_norm)
+    sync_sites = SyncSites() if sync_debug else None
     torch.cuda.synchronize()
     for i in range(0, len(batches) - accum + 1, accum):
+        if sync_sites is not None and i == warmup * accum:
+            sync_sites.start()
         earlier = steps.queue(batches[i:i + accum])
         if earlier is not None:
             record(earlier)
     if steps.pending is not None:
         record(steps.finish())
+    syncs = sync_sites.stop() if sync_sites is not None else None
     if profiler is not None:
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90),
@@ -481,7 +524,8 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
     # whether Inductor had to skip CUDA graphs for some (speed.cuda_graphs).
     compiled = {"graphs": counters["stats"]["unique_graphs"], "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
                 **warm}
-    return {"step_seconds": times, "losses": losses, "step_tokens": tokens, "compiled": compiled}
+    return {"step_seconds": times, "losses": losses, "step_tokens": tokens, "compiled": compiled,
+            **({"syncs": syncs} if syncs is not None else {})}
 
 
 def gpu_busy(profiler, trace_path: str | None) -> str:
@@ -534,7 +578,7 @@ def run_worker(args) -> None:
         batch_sets = [make_batches(torch.load(args.rows), args.batch, args.seq, packing, widths)]
     # each set's result goes to stdout as it is done (train_each)
     if args.worker == "ours":
-        worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.seq, args.profile)
+        worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.seq, args.profile, args.sync_debug)
     else:
         longest = max(args.max_seq or [args.seq])  # unsloth sizes its RoPE cache for max_seq_length
         worker_trainer(args.worker, args.model_dir, batch_sets, args.batch, longest, args.diagnose,
@@ -626,6 +670,9 @@ def main() -> None:
                    help="LABEL=key=value,key=value: one more run of our side with these overrides")
     p.add_argument("--cache", default="/tmp/finetune-bench")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of two of our steps")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="list where our timed steps make the host wait for the GPU, by call site "
+                        "(torch.cuda.set_sync_debug_mode; its warnings slow the steps: their timings do not count)")
     p.add_argument("--max-seq", type=lambda v: [int(x) for x in v.split(",")],
                    help="comma-separated lengths, ascending: train --max-seq-steps steps at each (batch --batch) "
                         "until one runs out of GPU memory, and report the longest that trained")
@@ -674,6 +721,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", worker, "--model-dir", str(model_dir), "--rows", str(rows_file),
                "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup)]
         cmd += [f"--override={o}" for o in overrides] + (["--profile"] if args.profile else [])
+        cmd += ["--sync-debug"] if args.sync_debug and worker == "ours" else []
         cmd += ["--unsloth-trainer-checkpointing"] if args.unsloth_trainer_checkpointing else []
         cmd += [f"--gpu-memory-gib={args.gpu_memory_gib}"] if args.gpu_memory_gib else []
         cmd += [f"--max-seq={','.join(map(str, args.max_seq))}", f"--max-seq-steps={args.max_seq_steps}"] \
@@ -701,6 +749,10 @@ def main() -> None:
         print(f"{side}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {100 * r['mfu']:.1f}%"
               f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}{agreement}; step ms "
               f"{' '.join(f'{1e3 * x:.0f}' for x in r['step_seconds'])}", flush=True)
+        if "syncs" in r:
+            print(f"{side}: {sum(n for n, _ in r['syncs'])} host waits for the GPU in "
+                  f"{len(r['step_seconds']) - args.warmup} timed steps, by call site:"
+                  + "".join(f"\n  {n} x {site}" for n, site in r["syncs"]), flush=True)
         finite = [math.isfinite(x) for x in r["losses"] + r.get("grad_norms", [])]
         if worker in PEER_SIDES and not all(finite):
             print(f"--- {side}: non-finite values; grad norms "
