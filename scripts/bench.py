@@ -481,7 +481,7 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
     from finetune.loop import Steps
 
     accum = cfg.train.grad_accum
-    times, losses, tokens = [], [], []
+    times, losses, tokens, clocks = [], [], [], []
     warm = compile_each_width(model, cfg, batches) if cfg.speed.compile else {}
     profiler = None
     if profile:
@@ -496,6 +496,7 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
         times.append(outcome.seconds)
         losses.append(outcome.loss)
         tokens.append(outcome.tokens)
+        clocks.append(gpu_clock_and_power())
         if profiler is not None:
             profiler.step()
 
@@ -525,7 +526,18 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
     compiled = {"graphs": counters["stats"]["unique_graphs"], "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
                 **warm}
     return {"step_seconds": times, "losses": losses, "step_tokens": tokens, "compiled": compiled,
-            **({"syncs": syncs} if syncs is not None else {})}
+            **({"syncs": syncs} if syncs is not None else {}),
+            **({"clocks": clocks} if clocks and all(clocks) else {})}
+
+
+def gpu_clock_and_power() -> tuple[int, float] | None:
+    """The GPU's SM clock (MHz) and power draw (W) over NVML's last sample period (1/6 to 1 s), or None
+    without nvidia-ml-py. Read as each step is read, i.e. while the next one runs: whether a slow step
+    ran at a lower clock (the same steps are slow in every run, docs/decisions.md)."""
+    try:
+        return torch.cuda.clock_rate(), torch.cuda.power_draw() / 1e3
+    except ModuleNotFoundError:
+        return None
 
 
 def gpu_busy(profiler, trace_path: str | None) -> str:
@@ -749,6 +761,9 @@ def main() -> None:
         print(f"{side}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {100 * r['mfu']:.1f}%"
               f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}{agreement}; step ms "
               f"{' '.join(f'{1e3 * x:.0f}' for x in r['step_seconds'])}", flush=True)
+        if "clocks" in r:
+            print(f"{side}: SM MHz, W as each step was read: "
+                  + " ".join(f"{mhz}/{watts:.0f}" for mhz, watts in r["clocks"]), flush=True)
         if "syncs" in r:
             print(f"{side}: {sum(n for n, _ in r['syncs'])} host waits for the GPU in "
                   f"{len(r['step_seconds']) - args.warmup} timed steps, by call site:"
