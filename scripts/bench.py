@@ -535,8 +535,12 @@ def gpu_clock_and_power() -> tuple[int, float] | None:
     without nvidia-ml-py. Read as each step is read, i.e. while the next one runs: whether a slow step
     ran at a lower clock (the same steps are slow in every run, docs/decisions.md)."""
     try:
-        return torch.cuda.clock_rate(), torch.cuda.power_draw() / 1e3
+        import pynvml  # nvidia-ml-py, which torch.cuda reads these through
     except ModuleNotFoundError:
+        return None
+    try:
+        return torch.cuda.clock_rate(), torch.cuda.power_draw() / 1e3
+    except pynvml.NVMLError:  # a reading this GPU does not give
         return None
 
 
