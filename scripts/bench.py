@@ -47,6 +47,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -451,8 +453,6 @@ class SyncSites:
 
     def _note(self, message, category, filename, lineno, file=None, line=None):
         if "synchronizing CUDA operation" in str(message):
-            import traceback
-
             frames = [f for f in traceback.extract_stack()[:-1]
                       if f"{os.sep}torch{os.sep}" not in f.filename and f"{os.sep}warnings.py" not in f.filename]
             site = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-self.FRAMES:]))
@@ -461,8 +461,6 @@ class SyncSites:
             self._show(message, category, filename, lineno, file, line)
 
     def start(self) -> None:
-        import warnings
-
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
         warnings.simplefilter("always")
@@ -481,7 +479,9 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
     from finetune.loop import Steps
 
     accum = cfg.train.grad_accum
-    times, losses, tokens, clocks = [], [], [], []
+    times, losses, tokens = [], [], []
+    # looked up once: without nvidia-ml-py each step would retry the failing import on the hot path
+    clocks = [] if gpu_clock_and_power() is not None else None
     warm = compile_each_width(model, cfg, batches) if cfg.speed.compile else {}
     profiler = None
     if profile:
@@ -496,7 +496,8 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
         times.append(outcome.seconds)
         losses.append(outcome.loss)
         tokens.append(outcome.tokens)
-        clocks.append(gpu_clock_and_power())
+        if clocks is not None:
+            clocks.append(gpu_clock_and_power())
         if profiler is not None:
             profiler.step()
 
