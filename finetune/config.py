@@ -427,11 +427,6 @@ class SpeedConfig:
     term in place, its 4-bit weight dequantized by one kernel (finetune/speed/dequant_kernels.py). Same
     distribution of dropout masks, other draws (a hash of seed and position; p rounded to a multiple of
     2**-16); needs a CUDA GPU."""
-    fused_lora_shared_input: bool = True
-    """With speed.fused_lora: LoRA layers that a decoder block calls on one input (q, k and v; gate and
-    up) run as one op, one frozen matmul of their stacked weights and one pass of each LoRA kernel over
-    the input (finetune.speed.fused_lora.SharedInput). Their adapters then share one dropout mask per
-    step (each still drops with probability p); false gives each its own."""
 
     def problems(self) -> list[str]:
         p = []

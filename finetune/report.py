@@ -32,8 +32,7 @@ def describe_speed(cfg: Config) -> str:
     if not s.fp32_frozen:
         parts.append("frozen unquantized weights in the compute dtype")
     if s.fused_lora:
-        parts.append("LoRA in fused Triton kernels" + (", layers on one input (q/k/v, gate/up) as one op"
-                                                        if s.fused_lora_shared_input else ""))
+        parts.append("LoRA in fused Triton kernels")
     host = (["checkpointed block inputs"] if s.offload_checkpoints and checkpointing else []) + \
         (["input embeddings"] if s.offload_embeddings else [])
     if host:

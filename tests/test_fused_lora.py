@@ -266,7 +266,7 @@ def test_the_whole_layer_op_gives_the_frozen_layer_plus_the_adapter(frozen, p, a
     for fused in (True, False):
         xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
         if fused:
-            out, _ = fused_lora.lora_linear(xi, *fused_lora.stacked_operands([operands]), [ai], [bi], seed, p, 2.0)
+            out, _ = fused_lora.lora_linear(xi, *operands, ai, bi, seed, p, 2.0)
         else:
             low_a, low_b = ai.to(torch.bfloat16), bi.to(torch.bfloat16)
             out = base(xi) + reference_down(xi, low_a, seed, p) @ low_b.T * 2.0
@@ -309,8 +309,7 @@ def test_the_whole_layer_op_passes_torch_library_checks():
     b = (torch.randn(48, 8) * 0.1).to(torch.bfloat16).requires_grad_()
     operands = fused_lora.frozen_operands(base, x, torch.bfloat16)
     torch.library.opcheck(torch.ops.finetune.lora_linear.default,
-                          (x, *fused_lora.stacked_operands([operands]), [a], [b], torch.tensor(3, dtype=torch.int32),
-                           0.0, 2.0))
+                          (x, *operands, a, b, torch.tensor(3, dtype=torch.int32), 0.0, 2.0))
 
 
 def _batch(tokenizer) -> dict:
@@ -328,8 +327,7 @@ def _loss_without_gradients(model, batch) -> torch.Tensor:
         return causal_lm_loss_sum(model, batch, 16)
 
 
-@pytest.mark.parametrize("shared_input", [True, False], ids=["shared-input", "layer-by-layer"])
-def test_without_dropout_fused_layers_give_peft_loss_and_gradients(tiny_llama, tokenizer, shared_input):
+def test_without_dropout_fused_layers_give_peft_loss_and_gradients(tiny_llama, tokenizer):
     model = lora_model(tiny_llama, "speed.fp32_frozen=false")
     model.train()
     batch = _batch(tokenizer)
@@ -337,17 +335,12 @@ def test_without_dropout_fused_layers_give_peft_loss_and_gradients(tiny_llama, t
     with model.disable_adapter():
         peft_base_loss = _loss_without_gradients(model, batch)
     layers = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
-    assert fuse_lora_layers(model, shared_input) == layers == 7 * model.config.num_hidden_layers
+    assert fuse_lora_layers(model) == layers == 7 * model.config.num_hidden_layers
     with OpCounter() as calls:
         fused_loss, fused_grads = loss_and_grads(model, batch, 16, autocast=True)
-    # every layer (NF4 base, bf16 compute) runs in one op: none runs bitsandbytes' own 4-bit matmul. With
-    # shared inputs, per block: q/k/v, o, gate/up, down
-    ops = 4 * model.config.num_hidden_layers if shared_input else layers
-    assert calls[torch.ops.finetune.lora_linear_backward.default] == ops
-    # forward ops: the forward's, then the checkpointed blocks' recompute in backward
-    assert calls[torch.ops.finetune.lora_linear.default] == 2 * ops and calls[torch.ops.bitsandbytes.gemm_4bit.default] == 0
-    # no output is left waiting for a sibling that was not called
-    assert all(not m.finetune_shared_input[0].kept for m in model.modules() if hasattr(m, "finetune_shared_input"))
+    # every layer (NF4 base, bf16 compute) runs as one op: none runs bitsandbytes' own 4-bit matmul
+    assert calls[torch.ops.finetune.lora_linear_backward.default] == layers
+    assert calls[torch.ops.finetune.lora_linear.default] > 0 and calls[torch.ops.bitsandbytes.gemm_4bit.default] == 0
     torch.testing.assert_close(fused_loss, peft_loss, rtol=2e-3, atol=0)
     assert fused_grads.keys() == peft_grads.keys() and len(fused_grads) == 2 * layers
     assert _relative_difference(fused_grads, peft_grads) < 2e-2
@@ -360,7 +353,7 @@ def test_without_dropout_fused_layers_give_peft_loss_and_gradients(tiny_llama, t
 def test_with_dropout_fused_layers_give_the_reference_loss_and_gradients(tiny_llama, tokenizer, monkeypatch):
     model = lora_model(tiny_llama, "speed.fp32_frozen=false", "lora.dropout=0.3")
     model.train()
-    fuse_lora_layers(model, shared_input=False)
+    fuse_lora_layers(model)
     batch = _batch(tokenizer)
 
     def step(seed: int):
@@ -385,56 +378,6 @@ def test_with_dropout_fused_layers_give_the_reference_loss_and_gradients(tiny_ll
             module.p = 0.0
     model.train()
     torch.testing.assert_close(eval_loss, _loss_without_gradients(model, batch), rtol=1e-3, atol=0)
-
-
-def test_layers_on_one_input_give_their_own_results_with_one_mask(tiny_llama, tokenizer, monkeypatch):
-    """q/k/v and gate/up as one op each give the loss and gradients of the layers run one by one with the
-    mask their input gets: the same seed for every layer on one input (drawn from torch's generator, so
-    a checkpoint's recompute draws it again)."""
-    model = lora_model(tiny_llama, "speed.fp32_frozen=false", "lora.dropout=0.3")
-    model.train()
-    batch = _batch(tokenizer)
-    draw = fused_lora._mask_seed
-    last: dict = {}
-
-    def seed_per_input(p, x):
-        if last.get("input") is not x:
-            last["input"], last["seed"] = x, draw(p, x)
-        return last["seed"]
-
-    monkeypatch.setattr(fused_lora, "_mask_seed", seed_per_input)
-    results = {}
-    for shared_input in (False, True):
-        for module in model.modules():
-            if hasattr(module, "finetune_peft_forward"):  # PEFT's forward back, to fuse again
-                module.forward = module.finetune_peft_forward
-                del module.finetune_peft_forward
-            if hasattr(module, "finetune_shared_input"):
-                del module.finetune_shared_input
-        fuse_lora_layers(model, shared_input)
-        torch.manual_seed(7)
-        with OpCounter() as calls:
-            results[shared_input] = loss_and_grads(model, batch, 16, autocast=True)
-        assert calls[torch.ops.finetune.lora_linear_backward.default] == (4 if shared_input else 7) * 2
-    (loss, grads), (alone_loss, alone_grads) = results[True], results[False]
-    torch.testing.assert_close(loss, alone_loss, rtol=2e-3, atol=0)
-    assert _relative_difference(grads, alone_grads) < 2e-2
-
-
-def test_a_sibling_called_on_another_input_runs_alone(tiny_llama):
-    """A model that calls q, k and v on different inputs gets each layer's own output: what q's call
-    computed for its siblings is dropped, not returned for another input, and nothing is left kept."""
-    model = lora_model(tiny_llama, "speed.fp32_frozen=false")
-    fuse_lora_layers(model)
-    attention = next(m for m in model.modules() if hasattr(m, "q_proj"))
-    x, other = torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.randn(2, 5, 64, dtype=torch.bfloat16)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = {name: getattr(attention, name).finetune_peft_forward(other) for name in ("k_proj", "v_proj")}
-        attention.q_proj(x)
-        assert set(attention.q_proj.finetune_shared_input[0].kept) == {1, 2}
-        for name, output in expected.items():
-            torch.testing.assert_close(getattr(attention, name)(other), output, rtol=2e-2, atol=2e-2)
-    assert not attention.q_proj.finetune_shared_input[0].kept
 
 
 @pytest.mark.parametrize("kept", [0, 2], ids=["checkpointed", "without-checkpointing"])

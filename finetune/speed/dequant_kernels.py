@@ -71,23 +71,13 @@ def dequantize_4bit_op(packed: torch.Tensor, absmax: torch.Tensor, code: torch.T
     """The [rows, cols] weight of `dtype` from its packed 4-bit values (uint8, two per byte), `code` (the
     16-entry fp32 table) and absmax per block of `blocksize` elements: fp32, or with nested_absmax,
     nested_code and offset, uint8 indices into nested_code, scaled per nested_blocksize of them."""
-    out = torch.empty(rows, cols, device=packed.device, dtype=dtype)
-    dequantize_4bit_into(out, packed, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize)
-    return out
-
-
-def dequantize_4bit_into(out: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                         blocksize: int, nested_absmax: Optional[torch.Tensor] = None,
-                         nested_code: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
-                         nested_blocksize: int = 256) -> None:
-    """dequantize_4bit_op written into `out`, a contiguous tensor (a block of rows of a larger weight: the
-    one-op LoRA layer dequantizes the weights of layers that share an input into one matrix)."""
     if blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two, got {blocksize}")
     nested = nested_absmax is not None
-    n = out.numel()
+    out = torch.empty(rows, cols, device=packed.device, dtype=dtype)
+    n = rows * cols
     if n == 0:
-        return
+        return out
     n_bytes = (n + 1) // 2  # the last byte's low nibble is padding when n is odd
     tile_bytes = LAUNCH["TILE_BYTES"]
     row_bytes = min(blocksize // 2, tile_bytes)
@@ -95,8 +85,9 @@ def dequantize_4bit_into(out: torch.Tensor, packed: torch.Tensor, absmax: torch.
         packed.reshape(-1).view(torch.uint8), absmax, code, nested_absmax if nested else absmax,
         nested_code if nested else code, offset if nested else absmax, out, n, n_bytes, nested_blocksize,
         ROWS=tile_bytes // row_bytes, ROW_BYTES=row_bytes, BLOCK_BYTES=blocksize // 2, NESTED=nested,
-        ROUND_BF16=out.dtype == torch.bfloat16 and not packed.is_cuda, num_warps=LAUNCH["num_warps"],
+        ROUND_BF16=dtype == torch.bfloat16 and not packed.is_cuda, num_warps=LAUNCH["num_warps"],
         enable_fp_fusion=False)
+    return out
 
 
 @dequantize_4bit_op.register_fake

@@ -258,146 +258,102 @@ def _two_matmuls(grad_out: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor) 
     return grad_u, torch.mm(grad_out.t().float(), u.float()).to(lora_b.dtype)
 
 
-def frozen_weight(weights: list[torch.Tensor], absmax: list[torch.Tensor], code: list[torch.Tensor],
-                  nested_absmax: list[torch.Tensor], nested_code: list[torch.Tensor], offset: list[torch.Tensor],
-                  quant_type: str, blocksize: int, nested_blocksize: int, out_features: list[int],
+def frozen_weight(weight: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor | None,
+                  nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
+                  quant_type: str, blocksize: int, nested_blocksize: int, shape: list[int],
                   dtype: torch.dtype) -> torch.Tensor:
-    """The frozen layers' [out, in] weights in `dtype`, stacked along out: plain weights as they are, bitsandbytes
-    4-bit ones (the quantization lists empty for plain ones) dequantized (with their nested absmax, double
-    quantization) as bitsandbytes' own 4-bit matmul does: on a GPU by one Triton kernel per layer that
-    gives the same bits (finetune/speed/dequant_kernels.py), written into its rows of the stacked weight;
-    elsewhere by bitsandbytes itself."""
-    if not absmax:
-        return weights[0] if len(weights) == 1 else torch.cat(weights)
-    nested = [(nested_absmax[i], nested_code[i], offset[i]) if nested_absmax else (None, None, None)
-              for i in range(len(weights))]
-    in_features = weights[0].numel() * 2 // out_features[0]
-    if weights[0].is_cuda:
-        from finetune.speed.dequant_kernels import dequantize_4bit_into
+    """The frozen layer's [out, in] weight in `dtype`: a plain weight as it is, a bitsandbytes 4-bit one
+    dequantized (with its nested absmax, double quantization) as bitsandbytes' own 4-bit matmul does: on
+    a GPU by one Triton kernel that gives the same bits (finetune/speed/dequant_kernels.py), elsewhere
+    by bitsandbytes itself."""
+    if absmax is None:
+        return weight
+    if weight.is_cuda:
+        from finetune.speed.dequant_kernels import dequantize_4bit_op
 
-        stacked = torch.empty(sum(out_features), in_features, device=weights[0].device, dtype=dtype)
-        for rows, packed, scales, table, (nested_scales, nested_table, shift) in zip(
-                stacked.split(out_features), weights, absmax, code, nested):
-            dequantize_4bit_into(rows, packed, scales, table, blocksize, nested_scales, nested_table, shift,
-                                 nested_blocksize)
-        return stacked
-    parts = []
-    for packed, scales, rows, (nested_scales, nested_table, shift) in zip(weights, absmax, out_features, nested):
-        if nested_scales is not None:
-            scales = torch.ops.bitsandbytes.dequantize_blockwise.default(scales, nested_scales, nested_table,
-                                                                         nested_blocksize, torch.float32) + shift
-        parts.append(torch.ops.bitsandbytes.dequantize_4bit.default(packed, scales, blocksize, quant_type,
-                                                                    [rows, in_features], dtype))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-
-
-def _block_diagonal(lora_b: list[torch.Tensor]) -> torch.Tensor:
-    """The layers' up-projections as one [sum of out, sum of ranks] matrix: B_i in block (i, i), zeros
-    elsewhere, so that u (every layer's rank-r columns side by side) @ its transpose gives each
-    layer's term in its own columns. The zeros cost rank-r work, not a pass over anything full-width."""
-    return lora_b[0] if len(lora_b) == 1 else torch.block_diag(*lora_b)
+        return dequantize_4bit_op(weight, absmax, code, blocksize, shape[0], shape[1], dtype, nested_absmax,
+                                  nested_code, offset, nested_blocksize)
+    if nested_absmax is not None:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, nested_absmax, nested_code,
+                                                                     nested_blocksize, torch.float32) + offset
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, blocksize, quant_type, shape, dtype)
 
 
 @torch.library.custom_op("finetune::lora_linear", mutates_args=())
-def lora_linear(x: torch.Tensor, weights: list[torch.Tensor], absmax: list[torch.Tensor], code: list[torch.Tensor],
-                nested_absmax: list[torch.Tensor], nested_code: list[torch.Tensor], offset: list[torch.Tensor],
-                quant_type: str, blocksize: int, nested_blocksize: int, out_features: list[int],
-                bias: list[torch.Tensor], lora_a: list[torch.Tensor], lora_b: list[torch.Tensor], seed: torch.Tensor,
-                p: float, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """For LoRA layers over frozen layers that all read x [M, K] (one layer, or siblings such as q, k and
-    v), every layer's x @ W_i.T + bias_i + scaling * dropout(x, p) @ A_i.T @ B_i.T, side by side in
-    one [M, sum of out] result of x's dtype (see frozen_weight for W; the frozen operands come in lists,
-    one entry per layer, from stacked_operands); returns it and u = scaling * dropout(x) @ [A_1; A_2; ..].T,
-    which backward needs. One dropout mask for all the layers. The adapters come in their own dtype (fp32
-    under autocast) and their gradients go back in it.
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor | None,
+                nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
+                quant_type: str, blocksize: int, nested_blocksize: int, shape: list[int], bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, seed: torch.Tensor, p: float,
+                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ W.T + bias + scaling * dropout(x, p) @ A.T @ B.T for x [M, K] and the frozen W [N, K] (see
+    frozen_weight), in x's dtype; returns it and u = scaling * dropout(x) @ A.T, which backward needs.
+    A and B come in their own dtype (an fp32 adapter under autocast) and their gradients go back in it.
 
     The low-rank term is written first and the frozen matmul adds itself to it in place (a GEMM with
     beta = 1 reads it in its epilogue): the [M, N] output is written once, where adding the
     adapter's term after the frozen matmul reads and writes it twice more (and `addmm` copies it once
     before that). The scaling rides in the down-projection kernel's own scale, and A is rounded to
-    x's dtype as the kernel loads it: each would otherwise be a kernel of its own per layer and step.
-    Siblings share the passes over x: one down-projection kernel for all their adapters, one frozen
-    matmul of the stacked weight."""
+    x's dtype as the kernel loads it: each would otherwise be a kernel of its own per layer and step."""
     with torch.autocast(x.device.type, enabled=False):
-        u = lora_down(x, _stacked(lora_a), seed, p, scaling)
-        low_rank_b = _block_diagonal(lora_b).to(x.dtype).t()
-        out = torch.mm(u, low_rank_b) if not bias else torch.addmm(_stacked(bias), u, low_rank_b)
-        w = frozen_weight(weights, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
-                          nested_blocksize, out_features, x.dtype)
+        u = lora_down(x, lora_a, seed, p, scaling)
+        low_rank_b = lora_b.to(x.dtype).t()
+        out = torch.mm(u, low_rank_b) if bias is None else torch.addmm(bias, u, low_rank_b)
+        w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
+                          nested_blocksize, shape, x.dtype)
         return out.addmm_(x, w.t()), u
 
 
 @lora_linear.register_fake
-def _(x, weights, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
-      out_features, bias, lora_a, lora_b, seed, p, scaling):
-    return x.new_empty(x.shape[0], sum(out_features)), x.new_empty(x.shape[0], sum(a.shape[0] for a in lora_a))
+def _(x, weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize, shape,
+      bias, lora_a, lora_b, seed, p, scaling):
+    return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
 
 @torch.library.custom_op("finetune::lora_linear_backward", mutates_args=())
-def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weights: list[torch.Tensor],
-                         absmax: list[torch.Tensor], code: list[torch.Tensor], nested_absmax: list[torch.Tensor],
-                         nested_code: list[torch.Tensor], offset: list[torch.Tensor], quant_type: str, blocksize: int,
-                         nested_blocksize: int, out_features: list[int], lora_a: list[torch.Tensor],
-                         lora_b: list[torch.Tensor], seed: torch.Tensor, p: float, scaling: float,
-                         input_grad: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """The gradients of lora_linear with respect to x, each A and each B (x's is empty without
-    `input_grad`), A's and B's in their own dtype, summed in fp32. The adapters' share of x's gradient
-    is written first and the frozen matmul's adds itself to it in place: siblings' gradients of x add
-    up inside these kernels, not in passes of their own."""
+def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
+                         absmax: torch.Tensor | None, code: torch.Tensor | None, nested_absmax: torch.Tensor | None,
+                         nested_code: torch.Tensor | None, offset: torch.Tensor | None, quant_type: str, blocksize: int,
+                         nested_blocksize: int, shape: list[int], lora_a: torch.Tensor, lora_b: torch.Tensor,
+                         seed: torch.Tensor, p: float, scaling: float,
+                         input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of lora_linear with respect to x, A and B (x's is empty without `input_grad`), A's
+    and B's in their own dtype, summed in fp32. The adapter's share of x's gradient is written first
+    and the frozen matmul's adds itself to it in place."""
     with torch.autocast(x.device.type, enabled=False):
-        grad_u, grad_b = lora_up_grads(grad_out, u, _block_diagonal(lora_b))  # u carries the scaling
-        grad_a = lora_down_grad_weight(grad_u, x, seed, p, scaling).to(lora_a[0].dtype)
-        if len(lora_a) == 1:
-            grad_as, grad_bs = [grad_a], [grad_b]
-        else:  # each layer's own blocks, copied: an op's outputs must not share memory
-            ranks = [a.shape[0] for a in lora_a]
-            grad_as = [part.clone() for part in grad_a.split(ranks)]
-            grad_bs = [rows.split(ranks, 1)[i].contiguous() for i, rows in enumerate(grad_b.split(out_features))]
+        grad_u, grad_b = lora_up_grads(grad_out, u, lora_b)  # u carries the scaling
+        grad_a = lora_down_grad_weight(grad_u, x, seed, p, scaling).to(lora_a.dtype)
         if not input_grad:
-            return x.new_empty(0), grad_as, grad_bs
-        grad_x = lora_down_grad_input(grad_u, _stacked(lora_a), seed, p, scaling)
-        w = frozen_weight(weights, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
-                          nested_blocksize, out_features, x.dtype)
-        return grad_x.addmm_(grad_out, w), grad_as, grad_bs
+            return x.new_empty(0), grad_a, grad_b
+        grad_x = lora_down_grad_input(grad_u, lora_a, seed, p, scaling)
+        w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
+                          nested_blocksize, shape, x.dtype)
+        return grad_x.addmm_(grad_out, w), grad_a, grad_b
 
 
 @lora_linear_backward.register_fake
-def _(grad_out, x, u, weights, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
-      nested_blocksize, out_features, lora_a, lora_b, seed, p, scaling, input_grad):
-    return (x.new_empty(x.shape if input_grad else (0,)), [torch.empty_like(a) for a in lora_a],
-            [torch.empty_like(b) for b in lora_b])
+def _(grad_out, x, u, weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
+      nested_blocksize, shape, lora_a, lora_b, seed, p, scaling, input_grad):
+    return x.new_empty(x.shape if input_grad else (0,)), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
-# lora_linear's arguments after x that describe the frozen layers: lists of tensors (weights .. offset), then
-# settings (quant_type .. out_features), then the biases
-_FROZEN_LISTS, _FROZEN_SETTINGS = 6, 4
+# lora_linear's arguments after x that describe the frozen layer: tensors (weight .. offset), then settings
+# (quant_type .. shape)
+_FROZEN_TENSORS, _FROZEN_SETTINGS = 6, 4
 
 
 def _lora_linear_setup(ctx, inputs, output):
     x, *frozen, bias, lora_a, lora_b, seed, p, scaling = inputs
-    lists, ctx.frozen_settings = frozen[:_FROZEN_LISTS], frozen[_FROZEN_LISTS:]
-    ctx.list_lengths = [len(t) for t in (*lists, lora_a, lora_b)]
-    ctx.bias_count = len(bias)
-    ctx.save_for_backward(x, output[1], seed, *(t for tensors in (*lists, lora_a, lora_b) for t in tensors))
+    tensors, ctx.frozen_settings = frozen[:_FROZEN_TENSORS], frozen[_FROZEN_TENSORS:]
+    ctx.save_for_backward(x, output[1], *tensors, lora_a, lora_b, seed)
     ctx.p, ctx.scaling = p, scaling
 
 
 def _lora_linear_grad(ctx, grad_out, _grad_u):
-    x, u, seed, *flat = ctx.saved_tensors
-    lists = []
-    for length in ctx.list_lengths:
-        lists.append(flat[:length])
-        flat = flat[length:]
-    *frozen_lists, lora_a, lora_b = lists
+    x, u, *frozen_tensors, lora_a, lora_b, seed = ctx.saved_tensors
     input_grad = ctx.needs_input_grad[0]
-    grad_x, grad_a, grad_b = lora_linear_backward(grad_out.contiguous(), x, u, *frozen_lists, *ctx.frozen_settings,
+    grad_x, grad_a, grad_b = lora_linear_backward(grad_out.contiguous(), x, u, *frozen_tensors, *ctx.frozen_settings,
                                                   lora_a, lora_b, seed, ctx.p, ctx.scaling, input_grad)
-    # no gradient for the frozen layers, their settings and biases: a None per tensor of each list
-    no_grads = [[None] * len(tensors) for tensors in frozen_lists] + [None] * _FROZEN_SETTINGS + [[None] * ctx.bias_count]
+    no_grads = [None] * (_FROZEN_TENSORS + _FROZEN_SETTINGS + 1)  # the frozen layer and its bias
     return grad_x if input_grad else None, *no_grads, grad_a, grad_b, None, None, None
 
 
@@ -405,13 +361,12 @@ lora_linear.register_autograd(_lora_linear_grad, setup_context=_lora_linear_setu
 
 
 def frozen_operands(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple | None:
-    """The frozen layer `base` as stacked_operands takes it: (weight, absmax, code, nested_absmax,
-    nested_code, offset, quant_type, blocksize, nested_blocksize, shape, bias), None for what it lacks;
-    or None when lora_linear would not compute what the layer's own forward does with x: it must be a
-    bitsandbytes 4-bit layer computing in `dtype` (its weight packed as bitsandbytes' own matmul reads
-    it, [out, in]) or a plain linear layer whose weight is of `dtype`; frozen, bias included
-    (lora_linear gives them no gradient); on x's device; with no hooks around its forward (accelerate's
-    offload hooks bring the weights there)."""
+    """lora_linear's arguments for the frozen layer `base` (weight .. shape, then its bias), or None when
+    lora_linear would not compute what the layer's own forward does with x: it must be a bitsandbytes
+    4-bit layer computing in `dtype` (its weight packed as bitsandbytes' own matmul reads it, [out, in])
+    or a plain linear layer whose weight is of `dtype`; frozen, bias included (lora_linear gives them no
+    gradient); on x's device; with no hooks around its forward (accelerate's offload hooks bring the
+    weights there)."""
     import bitsandbytes as bnb
 
     weight, bias = base.weight, base.bias
@@ -432,22 +387,6 @@ def frozen_operands(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) 
     return weight, *quant_state_operands(state), bias
 
 
-def stacked_operands(layers: list[tuple]) -> tuple | None:
-    """lora_linear's arguments for frozen layers read by one input (frozen_operands of each): (weights,
-    absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
-    out_features, biases), a list per layer for each tensor, empty where no layer has it; None where
-    the layers cannot be stacked: of different kinds (plain, 4-bit, nested or not, another quant type
-    or block size), widths or devices, or some with a bias and some without."""
-    first = layers[0]
-    if any(layer[6:9] != first[6:9] or layer[9][1] != first[9][1] or layer[0].device != first[0].device
-           or [t is None for t in layer[1:6] + (layer[10],)] != [t is None for t in first[1:6] + (first[10],)]
-           for layer in layers[1:]):
-        return None
-    lists = [[layer[i] for layer in layers] if first[i] is not None else [] for i in range(6)]
-    biases = [layer[10] for layer in layers] if first[10] is not None else []
-    return *lists, *first[6:9], [layer[9][0] for layer in layers], biases
-
-
 def fusable(layer: torch.nn.Module) -> bool:
     """A PEFT LoRA layer over a linear base (plain, 4-bit or 8-bit) that fused_forward computes in full."""
     from peft.tuners.lora import LoraLayer
@@ -456,119 +395,46 @@ def fusable(layer: torch.nn.Module) -> bool:
             and not getattr(layer, "fan_in_fan_out", False))
 
 
-def _dropout_p(layer, adapter: str) -> float:
-    """The adapter's dropout probability in this mode."""
+def _dropout_and_seed(layer, adapter: str, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The adapter's dropout probability in this mode and a fresh seed for its mask."""
     dropout = layer.lora_dropout[adapter]
-    return dropout.p if layer.training and isinstance(dropout, torch.nn.Dropout) else 0.0
-
-
-def _mask_seed(p: float, x: torch.Tensor) -> torch.Tensor:
-    """A fresh seed for a dropout mask (a zero placeholder without dropout)."""
-    return (torch.randint(-2**31, 2**31 - 1, (), device=x.device, dtype=torch.int32) if p > 0
+    p = dropout.p if layer.training and isinstance(dropout, torch.nn.Dropout) else 0.0
+    seed = (torch.randint(-2**31, 2**31 - 1, (), device=x.device, dtype=torch.int32) if p > 0
             else torch.zeros((), device=x.device, dtype=torch.int32))
-
-
-def _peft_only(layer, kwargs: dict) -> bool:
-    """What fused_forward leaves to PEFT's own forward: adapters disabled or merged, mixed adapter
-    batches, DoRA and other variants, a bias on lora_B."""
-    return (layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None
-            or any(a in layer.lora_variant or layer.lora_B[a].bias is not None
-                   for a in layer.active_adapters if a in layer.lora_A))
-
-
-def _one_op_parts(layer, x: torch.Tensor) -> tuple | None:
-    """(frozen operands, A, B, dropout p, scaling) of a layer that runs as (part of) one lora_linear on x:
-    one active adapter over a 4-bit or plain frozen layer of the input's dtype; else None."""
-    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(adapters) != 1 or _peft_only(layer, {}):
-        return None
-    adapter = adapters[0]
-    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else a.dtype
-    frozen = frozen_operands(layer.base_layer, x, dtype)
-    return None if frozen is None else (frozen, a, b, _dropout_p(layer, adapter), layer.scaling[adapter])
-
-
-def _run_as_one_op(parts: list[tuple], x: torch.Tensor) -> torch.Tensor | None:
-    """lora_linear of the layers' _one_op_parts on x: their outputs side by side, [..., sum of out]; None
-    where they cannot be one op (see stacked_operands; and one dropout p, scaling and adapter dtype)."""
-    operands = stacked_operands([frozen for frozen, *_ in parts])
-    first = parts[0]
-    if operands is None or any((a.dtype, b.dtype, p, s) != (first[1].dtype, first[2].dtype, first[3], first[4])
-                               for _, a, b, p, s in parts[1:]):
-        return None
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
-    out, _ = lora_linear(flat, *operands, [a for _, a, *_ in parts], [b for _, _, b, *_ in parts],
-                         _mask_seed(first[3], x), first[3], first[4])
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-class SharedInput:
-    """LoRA layers that a block calls one after another on one input, such as q, k and v (the names in
-    SHARED_INPUT_LAYERS). The first of them (q) runs all of them as one lora_linear (one frozen matmul
-    of their stacked weights, one pass of each LoRA kernel over the input, one dropout mask) and keeps
-    the others' outputs, each for that very input (`is`), until it is called. Any other call runs its
-    layer alone and drops what is kept, so a model that calls them another way gets the same results,
-    only without the saving, and at most one set of outputs is ever kept."""
-
-    def __init__(self, layers: list[torch.nn.Module]):
-        self.layers = layers
-        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def output(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Layer `index`'s output for x from the layers' one op, or None where the layer runs alone."""
-        kept = self.kept.pop(index, None)
-        if kept is not None and kept[0] is x:
-            return kept[1]
-        self.kept.clear()
-        if index != 0:
-            return None
-        parts = [_one_op_parts(layer, x) for layer in self.layers]
-        if any(part is None for part in parts):
-            return None
-        out = _run_as_one_op(parts, x)
-        if out is None:
-            return None
-        outputs = out.split([frozen[9][0] for frozen, *_ in parts], -1)
-        self.kept = {i: (x, y) for i, y in enumerate(outputs) if i != index}
-        return outputs[index]
-
-
-# Sibling layers that transformers' decoder blocks call on one input (llama, mistral, qwen, gemma and
-# others): attention's query, key and value projections, and the gated MLP's gate and up projections.
-SHARED_INPUT_LAYERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    return p, seed
 
 
 def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A PEFT LoRA linear layer's forward with the low-rank path in lora_down: with one adapter over a
-    4-bit or plain frozen layer of the input's dtype, the whole layer in one op (lora_linear), shared
-    with its siblings on the same input (SharedInput); else the frozen layer's own forward and one addmm
-    per adapter.
+    4-bit or plain frozen layer of the input's dtype, the whole layer in one op (lora_linear); else the
+    frozen layer's own forward and one addmm per adapter.
 
     Whatever this does not cover (adapters disabled or merged, mixed adapter batches, DoRA and other
     variants, a bias on lora_B) goes through PEFT's own forward.
     """
-    if _peft_only(self, kwargs):
+    adapters = [a for a in self.active_adapters if a in self.lora_A]
+    if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+            or any(a in self.lora_variant or self.lora_B[a].bias is not None for a in adapters)):
         return self.finetune_peft_forward(x, *args, **kwargs)
-    if not args and not kwargs:
-        shared = getattr(self, "finetune_shared_input", None)
-        if shared is not None:
-            out = shared[0].output(shared[1], x)
-            if out is not None:
-                return out
-        parts = _one_op_parts(self, x)
-        if parts is not None:
-            return _run_as_one_op([parts], x)
     autocast = torch.is_autocast_enabled(x.device.type)
     flat = x.reshape(-1, x.shape[-1])
+    if len(adapters) == 1 and not args and not kwargs:
+        adapter = adapters[0]
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else a.dtype
+        frozen = frozen_operands(self.base_layer, x, dtype)
+        if frozen is not None:
+            p, seed = _dropout_and_seed(self, adapter, x)
+            out, _ = lora_linear(flat.contiguous(), *frozen, a, b, seed, p, self.scaling[adapter])
+            return out.view(*x.shape[:-1], out.shape[-1])
     result = self.base_layer(x, *args, **kwargs)
     out = result.reshape(-1, result.shape[-1])
-    for adapter in [a for a in self.active_adapters if a in self.lora_A]:
+    for adapter in adapters:
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         # PEFT's dtypes: the autocast dtype under autocast, else the adapter's own, the sum in the result's.
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else a.dtype
-        p = _dropout_p(self, adapter)
-        u = lora_down(flat.to(dtype).contiguous(), a.to(dtype), _mask_seed(p, x), p)
+        p, seed = _dropout_and_seed(self, adapter, x)
+        u = lora_down(flat.to(dtype).contiguous(), a.to(dtype), seed, p)
         with torch.autocast(x.device.type, enabled=False):
             if out.dtype == dtype:
                 out = torch.addmm(out, u, b.to(dtype).t(), alpha=self.scaling[adapter])
@@ -577,10 +443,9 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return out.view(result.shape)
 
 
-def fuse_lora_layers(model: torch.nn.Module, shared_input: bool = True) -> int:
+def fuse_lora_layers(model: torch.nn.Module) -> int:
     """Give every fusable LoRA layer fused_forward; returns how many. PEFT's forward is kept on the
-    layer (finetune_peft_forward) for what fused_forward does not cover. With `shared_input`, the
-    fused siblings named in SHARED_INPUT_LAYERS that read inputs of one width run as one op (SharedInput)."""
+    layer (finetune_peft_forward) for what fused_forward does not cover."""
     fused = 0
     for module in model.modules():
         if fusable(module) and not hasattr(module, "finetune_peft_forward"):
@@ -590,15 +455,6 @@ def fuse_lora_layers(model: torch.nn.Module, shared_input: bool = True) -> int:
             for adapter in module.lora_A.values():
                 if adapter.weight.device.type in ("cuda", "cpu"):
                     keep_arrival_counts(adapter.weight.device)
-    if shared_input:
-        for module in model.modules():
-            for names in SHARED_INPUT_LAYERS:
-                layers = [getattr(module, name, None) for name in names]
-                if (all(hasattr(layer, "finetune_peft_forward") for layer in layers)
-                        and len({layer.get_base_layer().in_features for layer in layers}) == 1):
-                    shared = SharedInput(layers)
-                    for index, layer in enumerate(layers):
-                        layer.finetune_shared_input = (shared, index)
     return fused
 
 
