@@ -4,6 +4,7 @@
     python scripts/fused_lora_check.py --sweep    # and the time of each tile setting, best first
     python scripts/fused_lora_check.py --sweep up_grads   # of one kernel
     python scripts/fused_lora_check.py --p 0      # times without dropout: what the mask's hash costs
+    python scripts/fused_lora_check.py --siblings # q/k/v and gate/up: one layer op each, or one for all
 
 Checks: the dropout mask equals the hash written out in torch integer arithmetic (bit for bit); output,
 input gradient and weight gradient match torch's matmuls through that mask; the up-projection's two
@@ -147,15 +148,60 @@ def torch_times(device, width: int, p: float = P) -> dict[str, float]:
             "grad_weight": _time(lambda: g.T @ drop(x, p))}
 
 
+def _nf4(rows: int, columns: int, device) -> tuple:
+    """lora_linear's frozen operands of a random NF4 weight with nested absmax."""
+    import bitsandbytes as bnb
+
+    from finetune.speed.dequant_kernels import quant_state_operands
+
+    weight = bnb.nn.Params4bit(torch.randn(rows, columns) * 0.02, requires_grad=False, quant_type="nf4",
+                               compress_statistics=True).to(device)
+    return weight, *quant_state_operands(weight.quant_state), None
+
+
+def sibling_times(device, widths: list[int], hidden: int = 4096) -> tuple[float, float]:
+    """Seconds of forward and backward of sibling layers that read one input (llama3-8b's q/k/v or
+    gate/up, NF4): each layer its own lora_linear, against one lora_linear for all of them, their 4-bit
+    weights quantized as one matrix, the adapters' A stacked and B block-diagonal, one dropout mask (the
+    idea of 053a93b, reverted: docs/decisions.md). In CUDA graphs (_time): no launch cost is counted."""
+    from finetune.speed.fused_lora import keep_arrival_counts, lora_linear
+
+    keep_arrival_counts(device)
+    x = torch.randn(TOKENS, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    seed = torch.zeros((), device=device, dtype=torch.int32)
+    alone, stacked = [_nf4(w, hidden, device) for w in widths], _nf4(sum(widths), hidden, device)
+    a = [(torch.randn(RANK, hidden, device=device) * 0.02).requires_grad_() for _ in widths]
+    b = [(torch.randn(w, RANK, device=device) * 0.02).requires_grad_() for w in widths]
+    grads = [torch.randn(TOKENS, w, device=device, dtype=torch.bfloat16) for w in widths]
+    stacked_grad = torch.cat(grads, 1)
+
+    def one_op_each():
+        outs = [lora_linear(x, *frozen, ai, bi, seed, P, 2.0)[0] for frozen, ai, bi in zip(alone, a, b)]
+        torch.autograd.backward(outs, grads)
+
+    def one_op():
+        lora_linear(x, *stacked, torch.cat(a), torch.block_diag(*b), seed, P, 2.0)[0].backward(stacked_grad)
+
+    return _time(one_op_each, calls=5), _time(one_op, calls=5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", nargs="*", metavar="KERNEL",
                         help="time every tile setting of each kernel named (down, grad_input, grad_weight, "
                              "up_grads; none named: all)")
     parser.add_argument("--p", type=float, default=P, help=f"the dropout probability timed (default {P})")
+    parser.add_argument("--siblings", action="store_true",
+                        help="only time q/k/v and gate/up as one op per layer against one op for all")
     args = parser.parse_args()
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    if args.siblings:
+        for name, widths in {"q/k/v": [4096, 1024, 1024], "gate/up": [14336, 14336]}.items():
+            each, together = sibling_times(device, widths)
+            print(f"{name}, forward and backward: one op per layer {each * 1e3:.3f} ms, one op for the "
+                  f"siblings {together * 1e3:.3f} ms")
+        return
     check(device)
     bytes_per = {w: TOKENS * w * 2 for w in SHAPES.values()}
     for name, width in SHAPES.items():
