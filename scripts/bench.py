@@ -235,7 +235,7 @@ def unsloth_model(model_dir: str, seq: int):
         use_gradient_checkpointing="unsloth", max_seq_length=seq)
 
 
-def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batch: int, seq: int,
+def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batch: int, seq: int, warmup: int,
                    diagnose: bool = False, unsloth_trainer_checkpointing: bool = False) -> None:
     """A side trained by transformers' Trainer with the HF recipe's arguments: hf, liger or unsloth."""
     if side == "unsloth":
@@ -248,10 +248,11 @@ def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batc
     # its own recipes; the Trainer's checkpointing would wrap transformers' checkpoint around the blocks
     # (--unsloth-trainer-checkpointing does that anyway, to test whether it made an earlier try's losses NaN)
     trainer_checkpointing = side != "unsloth" or unsloth_trainer_checkpointing
-    train_each(batch_sets, lambda batches: train_with_trainer(model, batches, batch, trainer_checkpointing, diagnose))
+    train_each(batch_sets, lambda batches: train_with_trainer(model, batches, batch, warmup, trainer_checkpointing,
+                                                              diagnose))
 
 
-def train_with_trainer(model, batches: list[dict], batch: int, checkpointing: bool = True,
+def train_with_trainer(model, batches: list[dict], batch: int, warmup: int, checkpointing: bool = True,
                        diagnose: bool = False) -> dict:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -278,6 +279,7 @@ def train_with_trainer(model, batches: list[dict], batch: int, checkpointing: bo
         def on_step_end(self, args, state, control, **kw):
             torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._t)
+            power.read()
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -289,7 +291,7 @@ def train_with_trainer(model, batches: list[dict], batch: int, checkpointing: bo
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
-    timer = Timer()
+    timer, power = Timer(), GpuPower()
     callbacks = [timer] + ([non_finite_probe(model, batches)] if diagnose else [])
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
@@ -301,7 +303,8 @@ def train_with_trainer(model, batches: list[dict], batch: int, checkpointing: bo
         InOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(0),
                        callbacks=callbacks).train()
     tokens = [int(b["attention_mask"].sum()) for b in batches]
-    return {"step_seconds": timer.times, "losses": timer.losses, "grad_norms": timer.grad_norms, "step_tokens": tokens}
+    return {"step_seconds": timer.times, "losses": timer.losses, "grad_norms": timer.grad_norms, "step_tokens": tokens,
+            **power.summary(warmup)}
 
 
 def _nonfinite(x) -> bool:
@@ -480,8 +483,7 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
 
     accum = cfg.train.grad_accum
     times, losses, tokens = [], [], []
-    # looked up once: without nvidia-ml-py each step would retry the failing import on the hot path
-    clocks = [] if gpu_clock_and_power() is not None else None
+    power = GpuPower()
     warm = compile_each_width(model, cfg, batches) if cfg.speed.compile else {}
     profiler = None
     if profile:
@@ -496,8 +498,7 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
         times.append(outcome.seconds)
         losses.append(outcome.loss)
         tokens.append(outcome.tokens)
-        if clocks is not None:
-            clocks.append(gpu_clock_and_power())
+        power.read()
         if profiler is not None:
             profiler.step()
 
@@ -528,21 +529,46 @@ def _train_ours(model, cfg, accelerator, params, optimizer, scheduler, batches: 
                 **warm}
     return {"step_seconds": times, "losses": losses, "step_tokens": tokens, "compiled": compiled,
             **({"syncs": syncs} if syncs is not None else {}),
-            **({"clocks": clocks} if clocks and all(clocks) else {})}
+            **power.summary(warmup)}
 
 
-def gpu_clock_and_power() -> tuple[int, float] | None:
-    """The GPU's SM clock (MHz) and power draw (W) over NVML's last sample period (1/6 to 1 s), or None
-    without nvidia-ml-py. Read as each step is read, i.e. while the next one runs: whether a slow step
-    ran at a lower clock (the same steps are slow in every run, docs/decisions.md)."""
-    try:
-        import pynvml  # nvidia-ml-py, which torch.cuda reads these through
-    except ModuleNotFoundError:
-        return None
-    try:
-        return torch.cuda.clock_rate(), torch.cuda.power_draw() / 1e3
-    except pynvml.NVMLError:  # a reading this GPU does not give
-        return None
+class GpuPower:
+    """The GPU's energy counter, SM clock and power draw through NVML (nvidia-ml-py), read as each step is
+    read, and its power limit: an H200 trains our steps at its power limit with the clock lowered, the
+    HF recipe's below it at full clock (docs/decisions.md), so a side's speed is also its energy per
+    token. Reads nothing without nvidia-ml-py or where NVML lacks a counter."""
+
+    def __init__(self):
+        self.readings: list[tuple[float, int, int, float]] = []  # (seconds, energy mJ, SM MHz, W)
+        self.handle = None
+        try:
+            import pynvml  # nvidia-ml-py, which torch.cuda reads clocks and power through
+
+            handle = torch.cuda._get_pynvml_handler()
+            self.limit_watts = pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1e3
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            self.handle = handle
+        except Exception:  # no nvidia-ml-py, no NVML, or a counter this GPU does not give
+            pass
+
+    def read(self) -> None:
+        if self.handle is not None:
+            import pynvml
+
+            self.readings.append((time.perf_counter(), pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle),
+                                  torch.cuda.clock_rate(), torch.cuda.power_draw() / 1e3))
+
+    def summary(self, warmup: int) -> dict:
+        """Mean power and SM clock from the read of the last warm-up step to the last read (the timed
+        steps), the limit, and the per-step readings; {} without readings."""
+        if len(self.readings) <= warmup or warmup < 1:
+            return {}
+        (start, energy_start, *_), (end, energy_end, *_) = self.readings[warmup - 1], self.readings[-1]
+        timed = self.readings[warmup:]
+        return {"power": {"mean_watts": (energy_end - energy_start) / 1e3 / (end - start),
+                          "mean_mhz": sum(r[2] for r in timed) / len(timed), "limit_watts": self.limit_watts,
+                          "joules": (energy_end - energy_start) / 1e3,
+                          "per_step": [(mhz, watts) for _, _, mhz, watts in self.readings]}}
 
 
 def gpu_busy(profiler, trace_path: str | None) -> str:
@@ -598,7 +624,7 @@ def run_worker(args) -> None:
         worker_ours(args.model_dir, batch_sets, args.warmup, args.override, args.seq, args.profile, args.sync_debug)
     else:
         longest = max(args.max_seq or [args.seq])  # unsloth sizes its RoPE cache for max_seq_length
-        worker_trainer(args.worker, args.model_dir, batch_sets, args.batch, longest, args.diagnose,
+        worker_trainer(args.worker, args.model_dir, batch_sets, args.batch, longest, args.warmup, args.diagnose,
                        args.unsloth_trainer_checkpointing)
 
 
@@ -766,9 +792,12 @@ def main() -> None:
         print(f"{side}: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {100 * r['mfu']:.1f}%"
               f"{compiled}, losses {' '.join(f'{x:.3f}' for x in r['losses'])}{agreement}; step ms "
               f"{' '.join(f'{1e3 * x:.0f}' for x in r['step_seconds'])}", flush=True)
-        if "clocks" in r:
-            print(f"{side}: SM MHz, W as each step was read: "
-                  + " ".join(f"{mhz}/{watts:.0f}" for mhz, watts in r["clocks"]), flush=True)
+        if "power" in r:
+            power = r["power"]
+            print(f"{side}: {power['mean_watts']:.0f} W at {power['mean_mhz']:.0f} MHz (SM clock) over the timed steps, "
+                  f"power limit {power['limit_watts']:.0f} W: {1e3 * power['joules'] / sum(r['step_tokens'][args.warmup:]):.1f} "
+                  f"mJ per token; SM MHz/W as each step was read: "
+                  + " ".join(f"{mhz}/{watts:.0f}" for mhz, watts in power["per_step"]), flush=True)
         if "syncs" in r:
             print(f"{side}: {sum(n for n, _ in r['syncs'])} host waits for the GPU in "
                   f"{len(r['step_seconds']) - args.warmup} timed steps, by call site:"
