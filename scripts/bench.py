@@ -16,8 +16,10 @@ More runs of our side with config overrides (the README's "Speed and memory" tab
 Each side runs in its own subprocess so peak memory is its own. Prints tokens/s (timed steps after
 warm-up, each step synchronized), peak memory (torch.cuda.max_memory_allocated while training, the
 weights included; paged optimizer state is not counted), MFU against a bf16 matmul rate measured
-here, and the ratios. `--sides ours --override speed=fast --profile` prints the top CUDA kernels;
-`--sync-debug` lists where our timed steps make the host wait for the GPU (timings then do not count).
+here, and the ratios. With nvidia-ml-py installed, each side's mean power and SM clock over its timed
+steps and its energy per token (an H200 runs our steps at its power limit: docs/decisions.md).
+`--sides ours --override speed=fast --profile` prints the top CUDA kernels; `--sync-debug` lists where
+our timed steps make the host wait for the GPU (timings then do not count).
 
     python scripts/bench.py --shape llama3-8b --batch 1 --max-seq 8192,16384,32768,65536
 
