@@ -545,13 +545,15 @@ class GpuPower:
         self.handle = None
         try:
             import pynvml  # nvidia-ml-py, which torch.cuda reads clocks and power through
-
+        except ModuleNotFoundError:
+            return
+        try:
             handle = torch.cuda._get_pynvml_handler()
             self.limit_watts = pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1e3
             pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-            self.handle = handle
-        except Exception:  # no nvidia-ml-py, no NVML, or a counter this GPU does not give
-            pass
+        except (pynvml.NVMLError, RuntimeError):  # no driver, or a counter this GPU does not give
+            return
+        self.handle = handle
 
     def read(self) -> None:
         if self.handle is not None:
