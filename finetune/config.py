@@ -427,9 +427,17 @@ class SpeedConfig:
     term in place, its 4-bit weight dequantized by one kernel (finetune/speed/dequant_kernels.py). Same
     distribution of dropout masks, other draws (a hash of seed and position; p rounded to a multiple of
     2**-16); needs a CUDA GPU."""
+    fp8_frozen_matmuls: bool = False
+    """With speed.fused_lora: each frozen 4-bit layer's matmuls (forward and its input's gradient) run in
+    FP8 (e4m3; activations and gradients scaled per token, the weight by one scale), about 1.7x the
+    bf16 matmul's rate on an H100/H200 (finetune/speed/fp8.py). Changes the arithmetic: the loss moves by
+    a few hundredths (README). Needs a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell)."""
 
     def problems(self) -> list[str]:
         p = []
+        if self.fp8_frozen_matmuls and not self.fused_lora:
+            p.append("speed.fp8_frozen_matmuls=true runs inside speed.fused_lora's one-op layers; set "
+                     "speed.fused_lora=true as well")
         if self.blocks_without_checkpointing < 0:
             p.append(f"speed.blocks_without_checkpointing must be >= 0 (got {self.blocks_without_checkpointing})")
         if self.cuda_graphs and not self.compile:

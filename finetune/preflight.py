@@ -57,6 +57,8 @@ def config_problems(cfg: Config, *, cuda_available: bool, bf16_supported: bool) 
         from finetune.speed.fused_lora import kernel_problems
 
         p += kernel_problems(cuda_available)
+    if s.fp8_frozen_matmuls:
+        p += fp8_problems(cfg, cuda_available)
     if s.cuda_graphs and t.grad_accum > 1:
         # A graph replay hands gradients out of the graph's own memory, which the next micro-batch's
         # replay overwrites: accumulation would give wrong gradients (pytorch/pytorch#169545).
@@ -73,6 +75,28 @@ def config_problems(cfg: Config, *, cuda_available: bool, bf16_supported: bool) 
         p.append("dist.cpu_offload=true moves FSDP's shards between a GPU and the CPU; on the CPU there is nothing "
                  "to offload: remove dist.cpu_offload")
     return p + fsdp_problems(cfg)
+
+
+def fp8_problems(cfg: Config, cuda_available: bool) -> list[str]:
+    """What speed.fp8_frozen_matmuls cannot run on, each with its fix."""
+    p = []
+    if cfg.quant.mode not in ("nf4", "fp4"):
+        p.append(f"speed.fp8_frozen_matmuls=true runs the frozen 4-bit layers' matmuls in FP8, but quant.mode="
+                 f"{cfg.quant.mode}: use quant.mode=nf4 (or fp4), or set speed.fp8_frozen_matmuls=false")
+    if cfg.quant.compute_dtype not in ("bfloat16", "float16"):
+        p.append(f"speed.fp8_frozen_matmuls=true needs a half-precision compute dtype (quant.compute_dtype="
+                 f"{cfg.quant.compute_dtype}): use quant.compute_dtype=bfloat16")
+    if cfg.dist.strategy == "fsdp":
+        p.append("speed.fp8_frozen_matmuls=true reads bitsandbytes' 4-bit layers, which dist.strategy=fsdp "
+                 "stores as bf16 shards: use dist.strategy=ddp, or set speed.fp8_frozen_matmuls=false")
+    if cuda_available:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 9):
+            p.append(f"speed.fp8_frozen_matmuls=true needs FP8 matmuls, which this GPU (compute capability "
+                     f"{major}.{minor}) lacks: they start at 8.9 (Ada, Hopper); set speed.fp8_frozen_matmuls=false")
+    return p
 
 
 def fsdp_problems(cfg: Config) -> list[str]:

@@ -33,6 +33,8 @@ def describe_speed(cfg: Config) -> str:
         parts.append("frozen unquantized weights in the compute dtype")
     if s.fused_lora:
         parts.append("LoRA in fused Triton kernels")
+    if s.fp8_frozen_matmuls:
+        parts.append("frozen 4-bit matmuls in FP8")
     host = (["checkpointed block inputs"] if s.offload_checkpoints and checkpointing else []) + \
         (["input embeddings"] if s.offload_embeddings else [])
     if host:

@@ -5,6 +5,7 @@
     python scripts/fused_lora_check.py --sweep up_grads   # of one kernel
     python scripts/fused_lora_check.py --p 0      # times without dropout: what the mask's hash costs
     python scripts/fused_lora_check.py --siblings # q/k/v and gate/up: one layer op each, or one for all
+    python scripts/fused_lora_check.py --fp8      # each llama3-8b layer in bf16 and with FP8 frozen matmuls
 
 Checks: the dropout mask equals the hash written out in torch integer arithmetic (bit for bit); output,
 input gradient and weight gradient match torch's matmuls through that mask; the up-projection's two
@@ -148,15 +149,20 @@ def torch_times(device, width: int, p: float = P) -> dict[str, float]:
             "grad_weight": _time(lambda: g.T @ drop(x, p))}
 
 
-def _nf4(rows: int, columns: int, device) -> tuple:
-    """lora_linear's frozen operands of a random NF4 weight with nested absmax."""
+def _nf4(rows: int, columns: int, device, fp8_scale: bool = False) -> tuple:
+    """lora_linear's frozen operands of a random NF4 weight with nested absmax, with its FP8 scale
+    (speed.fp8_frozen_matmuls) or without."""
     import bitsandbytes as bnb
 
+    from finetune.speed import fp8
     from finetune.speed.dequant_kernels import quant_state_operands
 
     weight = bnb.nn.Params4bit(torch.randn(rows, columns) * 0.02, requires_grad=False, quant_type="nf4",
                                compress_statistics=True).to(device)
-    return weight, *quant_state_operands(weight.quant_state), None
+    absmax, code, nested_absmax, nested_code, offset, *settings = quant_state_operands(weight.quant_state)
+    scale = fp8.weight_scale(fused_lora.frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset,
+                                                      *settings, torch.float32)) if fp8_scale else None
+    return weight, absmax, code, nested_absmax, nested_code, offset, scale, *settings, None
 
 
 def sibling_times(device, widths: list[int], hidden: int = 4096) -> tuple[float, float]:
@@ -185,6 +191,71 @@ def sibling_times(device, widths: list[int], hidden: int = 4096) -> tuple[float,
     return _time(one_op_each, calls=5), _time(one_op, calls=5)
 
 
+# llama3-8b's frozen layers, [out, in]
+LAYERS = {"q, o": (4096, 4096), "k, v": (1024, 4096), "gate, up": (14336, 4096), "down": (4096, 14336)}
+
+
+def fp8_layer(device, out_features: int, in_features: int) -> dict[str, float]:
+    """One llama3-8b layer (NF4, rank 16) by lora_linear in bf16 and with its frozen matmuls in FP8
+    (speed.fp8_frozen_matmuls): seconds of forward and backward each, and the output's and x's gradient's
+    error against the same layer in fp32 (norm of the difference / norm)."""
+    from finetune.speed.fused_lora import keep_arrival_counts, lora_linear
+
+    keep_arrival_counts(device)
+    frozen = _nf4(out_features, in_features, device, fp8_scale=True)
+    scale = frozen[6]
+    x = torch.randn(TOKENS, in_features, device=device, dtype=torch.bfloat16, requires_grad=True)
+    a = (torch.randn(RANK, in_features, device=device) * 0.02).requires_grad_()
+    b = (torch.randn(out_features, RANK, device=device) * 0.02).requires_grad_()
+    grad = torch.randn(TOKENS, out_features, device=device, dtype=torch.bfloat16)
+    seed = torch.zeros((), device=device, dtype=torch.int32)
+    w = fused_lora.frozen_weight(*frozen[:6], *frozen[7:11], torch.float32)
+    exact_x = x.detach().float().requires_grad_()
+    exact = exact_x @ w.t() + (exact_x @ a.detach().t() @ b.detach().t()) * 2.0
+    exact.backward(grad.float())
+    result = {}
+    for name, fp8_scale in [("bf16", None), ("fp8", scale)]:
+        operands = (*frozen[:6], fp8_scale, *frozen[7:])
+        x.grad = None
+        out = lora_linear(x, *operands, a, b, seed, 0.0, 2.0)[0]
+        out.backward(grad)
+        result[f"{name} out error"] = ((out.float() - exact).norm() / exact.norm()).item()
+        result[f"{name} grad error"] = ((x.grad.float() - exact_x.grad).norm() / exact_x.grad.norm()).item()
+    for name, fp8_scale in [("bf16", None), ("fp8", scale)]:
+        # fresh leaves: a graph cannot capture gradients accumulated into ones made outside it
+        leaves = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+        operands = (*frozen[:6], fp8_scale, *frozen[7:])
+        result[f"{name} ms"] = _time(lambda ops=operands, xt=leaves[0], at=leaves[1], bt=leaves[2]: lora_linear(
+            xt, *ops, at, bt, seed, 0.0, 2.0)[0].backward(grad), calls=5) * 1e3
+    return result
+
+
+def fp8_kernel_check(device) -> None:
+    """The FP8 kernels on this GPU against torch's cast of the same numbers, and their rates."""
+    from finetune.speed import fp8
+
+    frozen = _nf4(14336, 4096, device, fp8_scale=True)
+    w = fused_lora.frozen_weight(*frozen[:6], *frozen[7:11], torch.float32)
+    expected = (w * (1.0 / frozen[6][0, 0])).clamp(-448, 448).to(torch.float8_e4m3fn)
+    x = torch.randn(TOKENS, 14336, device=device, dtype=torch.bfloat16)
+    x_scale = x.float().abs().amax(1, keepdim=True) / 448
+    expected_x = (x.float() * (1.0 / x_scale)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    got_x, got_scale = fp8.rows_to_e4m3_kernel(x)
+    print(f"rows_to_e4m3 [4096, 14336]: {(got_x.view(torch.uint8) != expected_x.view(torch.uint8)).sum().item()} "
+          f"of {x.numel():,} differ from torch's cast, scales equal: {torch.equal(got_scale, x_scale)}; "
+          f"{_time(lambda: fp8.rows_to_e4m3_kernel(x)) * 1e6:.1f} us")
+    args = (*frozen[:6], frozen[6], frozen[8], frozen[9], frozen[10])
+    for transposed in (False, True):
+        got = fp8.dequantize_4bit_e4m3(*args, transposed=transposed)
+        want = expected.t() if transposed else expected
+        seconds = _time(lambda t=transposed: fp8.dequantize_4bit_e4m3(*args, transposed=t))
+        print(f"dequantize_4bit_e4m3 [14336, 4096]{' transposed' if transposed else ''}: "
+              f"{(got.view(torch.uint8) != want.view(torch.uint8)).sum().item()} of {w.numel():,} differ; "
+              f"{seconds * 1e6:.1f} us ({w.numel() * 1.5 / seconds / 1e9:.0f} GB/s read and written)")
+    bf16 = _time(lambda: fused_lora.frozen_weight(*frozen[:6], *frozen[7:11], torch.bfloat16))
+    print(f"the bf16 dequantization of the same weight: {bf16 * 1e6:.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", nargs="*", metavar="KERNEL",
@@ -193,6 +264,8 @@ def main() -> None:
     parser.add_argument("--p", type=float, default=P, help=f"the dropout probability timed (default {P})")
     parser.add_argument("--siblings", action="store_true",
                         help="only time q/k/v and gate/up as one op per layer against one op for all")
+    parser.add_argument("--fp8", action="store_true",
+                        help="only time and check each llama3-8b layer with and without FP8 frozen matmuls")
     args = parser.parse_args()
     device = torch.device("cuda")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -201,6 +274,20 @@ def main() -> None:
             each, together = sibling_times(device, widths)
             print(f"{name}, forward and backward: one op per layer {each * 1e3:.3f} ms, one op for the "
                   f"siblings {together * 1e3:.3f} ms")
+        return
+    if args.fp8:
+        fp8_kernel_check(device)
+        total = {"bf16": 0.0, "fp8": 0.0}
+        for name, (out_features, in_features) in LAYERS.items():
+            r = fp8_layer(device, out_features, in_features)
+            count = 2 if "," in name else 1
+            total["bf16"] += count * r["bf16 ms"]
+            total["fp8"] += count * r["fp8 ms"]
+            print(f"{name} [{out_features}, {in_features}], forward and backward: bf16 {r['bf16 ms']:.3f} ms, "
+                  f"fp8 {r['fp8 ms']:.3f} ms; error against fp32, output {r['bf16 out error']:.2e} (bf16) "
+                  f"{r['fp8 out error']:.2e} (fp8), x's gradient {r['bf16 grad error']:.2e} {r['fp8 grad error']:.2e}")
+        print(f"one llama3-8b block's seven layers: bf16 {total['bf16']:.3f} ms, fp8 {total['fp8']:.3f} ms "
+              f"({total['bf16'] / total['fp8']:.2f}x)")
         return
     check(device)
     bytes_per = {w: TOKENS * w * 2 for w in SHAPES.values()}

@@ -38,7 +38,7 @@ def apply_speed(model, speed: SpeedConfig, max_length: int) -> None:
     if speed.offload_embeddings:
         offload_embeddings(model)
     if speed.fused_lora:
-        fuse_lora_layers(model)
+        fuse_lora_layers(model, fp8_frozen=speed.fp8_frozen_matmuls)
     if speed.mlp_chunk_size:
         chunk_mlps(decoder_blocks(model), speed.mlp_chunk_size)
     if speed.offload_checkpoints:

@@ -96,6 +96,24 @@ def _(packed, absmax, code, blocksize, rows, cols, dtype, nested_absmax=None, ne
     return packed.new_empty(rows, cols, dtype=dtype)
 
 
+def frozen_weight(weight: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor | None,
+                  nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
+                  quant_type: str, blocksize: int, nested_blocksize: int, shape: list[int],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The frozen layer's [out, in] weight in `dtype`: a plain weight as it is, a bitsandbytes 4-bit one
+    dequantized (with its nested absmax, double quantization) as bitsandbytes' own 4-bit matmul does: on
+    a GPU by dequantize_4bit_op above (the same bits), elsewhere by bitsandbytes itself."""
+    if absmax is None:
+        return weight
+    if weight.is_cuda:
+        return dequantize_4bit_op(weight, absmax, code, blocksize, shape[0], shape[1], dtype, nested_absmax,
+                                  nested_code, offset, nested_blocksize)
+    if nested_absmax is not None:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, nested_absmax, nested_code,
+                                                                     nested_blocksize, torch.float32) + offset
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, blocksize, quant_type, shape, dtype)
+
+
 def quant_state_operands(quant_state) -> tuple:
     """A bitsandbytes 4-bit QuantState as the training step's kernels take it: (absmax, code,
     nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize, shape), the nested

@@ -33,6 +33,9 @@ import types
 
 import torch
 
+from finetune.speed import fp8
+from finetune.speed.dequant_kernels import frozen_weight
+
 # The ops are registered here without importing Triton (finetune.speed.recompute names them); the
 # kernels load on first use.
 
@@ -258,31 +261,10 @@ def _two_matmuls(grad_out: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor) 
     return grad_u, torch.mm(grad_out.t().float(), u.float()).to(lora_b.dtype)
 
 
-def frozen_weight(weight: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor | None,
-                  nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
-                  quant_type: str, blocksize: int, nested_blocksize: int, shape: list[int],
-                  dtype: torch.dtype) -> torch.Tensor:
-    """The frozen layer's [out, in] weight in `dtype`: a plain weight as it is, a bitsandbytes 4-bit one
-    dequantized (with its nested absmax, double quantization) as bitsandbytes' own 4-bit matmul does: on
-    a GPU by one Triton kernel that gives the same bits (finetune/speed/dequant_kernels.py), elsewhere
-    by bitsandbytes itself."""
-    if absmax is None:
-        return weight
-    if weight.is_cuda:
-        from finetune.speed.dequant_kernels import dequantize_4bit_op
-
-        return dequantize_4bit_op(weight, absmax, code, blocksize, shape[0], shape[1], dtype, nested_absmax,
-                                  nested_code, offset, nested_blocksize)
-    if nested_absmax is not None:
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, nested_absmax, nested_code,
-                                                                     nested_blocksize, torch.float32) + offset
-    return torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, blocksize, quant_type, shape, dtype)
-
-
 @torch.library.custom_op("finetune::lora_linear", mutates_args=())
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor | None,
                 nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
-                quant_type: str, blocksize: int, nested_blocksize: int, shape: list[int], bias: torch.Tensor | None,
+                fp8_scale: torch.Tensor | None, quant_type: str, blocksize: int, nested_blocksize: int, shape: list[int], bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, seed: torch.Tensor, p: float,
                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x @ W.T + bias + scaling * dropout(x, p) @ A.T @ B.T for x [M, K] and the frozen W [N, K] (see
@@ -293,10 +275,17 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | No
     beta = 1 reads it in its epilogue): the [M, N] output is written once, where adding the
     adapter's term after the frozen matmul reads and writes it twice more (and `addmm` copies it once
     before that). The scaling rides in the down-projection kernel's own scale, and A is rounded to
-    x's dtype as the kernel loads it: each would otherwise be a kernel of its own per layer and step."""
+    x's dtype as the kernel loads it: each would otherwise be a kernel of its own per layer and step.
+
+    With fp8_scale (a 4-bit W's FP8 scale, speed.fp8_frozen_matmuls) the frozen matmul runs in FP8
+    (finetune/speed/fp8.py) and the adapter's term is added to its output."""
     with torch.autocast(x.device.type, enabled=False):
         u = lora_down(x, lora_a, seed, p, scaling)
         low_rank_b = lora_b.to(x.dtype).t()
+        frozen = (weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize, shape)
+        if fp8_scale is not None and fp8.runs_in_fp8(x.shape[0], shape, blocksize):
+            out = fp8.frozen_forward(x, frozen, fp8_scale).addmm_(u, low_rank_b)
+            return (out if bias is None else out.add_(bias)), u
         out = torch.mm(u, low_rank_b) if bias is None else torch.addmm(bias, u, low_rank_b)
         w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
                           nested_blocksize, shape, x.dtype)
@@ -304,7 +293,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | No
 
 
 @lora_linear.register_fake
-def _(x, weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize, shape,
+def _(x, weight, absmax, code, nested_absmax, nested_code, offset, fp8_scale, quant_type, blocksize, nested_blocksize, shape,
       bias, lora_a, lora_b, seed, p, scaling):
     return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
@@ -312,7 +301,8 @@ def _(x, weight, absmax, code, nested_absmax, nested_code, offset, quant_type, b
 @torch.library.custom_op("finetune::lora_linear_backward", mutates_args=())
 def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
                          absmax: torch.Tensor | None, code: torch.Tensor | None, nested_absmax: torch.Tensor | None,
-                         nested_code: torch.Tensor | None, offset: torch.Tensor | None, quant_type: str, blocksize: int,
+                         nested_code: torch.Tensor | None, offset: torch.Tensor | None, fp8_scale: torch.Tensor | None,
+                         quant_type: str, blocksize: int,
                          nested_blocksize: int, shape: list[int], lora_a: torch.Tensor, lora_b: torch.Tensor,
                          seed: torch.Tensor, p: float, scaling: float,
                          input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -325,20 +315,24 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tenso
         if not input_grad:
             return x.new_empty(0), grad_a, grad_b
         grad_x = lora_down_grad_input(grad_u, lora_a, seed, p, scaling)
+        if fp8_scale is not None and fp8.runs_in_fp8(x.shape[0], shape, blocksize):
+            frozen = (weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
+                      shape)
+            return grad_x.add_(fp8.frozen_input_grad(grad_out, frozen, fp8_scale)), grad_a, grad_b
         w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
                           nested_blocksize, shape, x.dtype)
         return grad_x.addmm_(grad_out, w), grad_a, grad_b
 
 
 @lora_linear_backward.register_fake
-def _(grad_out, x, u, weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
+def _(grad_out, x, u, weight, absmax, code, nested_absmax, nested_code, offset, fp8_scale, quant_type, blocksize,
       nested_blocksize, shape, lora_a, lora_b, seed, p, scaling, input_grad):
     return x.new_empty(x.shape if input_grad else (0,)), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
-# lora_linear's arguments after x that describe the frozen layer: tensors (weight .. offset), then settings
+# lora_linear's arguments after x that describe the frozen layer: tensors (weight .. fp8_scale), then settings
 # (quant_type .. shape)
-_FROZEN_TENSORS, _FROZEN_SETTINGS = 6, 4
+_FROZEN_TENSORS, _FROZEN_SETTINGS = 7, 4
 
 
 def _lora_linear_setup(ctx, inputs, output):
@@ -361,7 +355,8 @@ lora_linear.register_autograd(_lora_linear_grad, setup_context=_lora_linear_setu
 
 
 def frozen_operands(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple | None:
-    """lora_linear's arguments for the frozen layer `base` (weight .. shape, then its bias), or None when
+    """lora_linear's arguments for the frozen layer `base` (weight .. shape, then its bias; fp8_scale where
+    fuse_lora_layers gave the layer one), or None when
     lora_linear would not compute what the layer's own forward does with x: it must be a bitsandbytes
     4-bit layer computing in `dtype` (its weight packed as bitsandbytes' own matmul reads it, [out, in])
     or a plain linear layer whose weight is of `dtype`; frozen, bias included (lora_linear gives them no
@@ -375,7 +370,7 @@ def frozen_operands(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) 
             or hasattr(base, "_hf_hook") or base._forward_hooks or base._forward_pre_hooks):
         return None
     if type(base) is torch.nn.Linear:
-        return (weight, None, None, None, None, None, "", 0, 0, list(weight.shape), bias) \
+        return (weight, None, None, None, None, None, None, "", 0, 0, list(weight.shape), bias) \
             if weight.dtype == dtype and type(weight.data) is torch.Tensor else None
     state = getattr(weight, "quant_state", None)
     if (type(base) is not bnb.nn.Linear4bit or base.compute_dtype != dtype or state is None
@@ -384,7 +379,9 @@ def frozen_operands(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) 
         return None
     from finetune.speed.dequant_kernels import quant_state_operands
 
-    return weight, *quant_state_operands(state), bias
+    absmax, code, nested_absmax, nested_code, offset, *settings = quant_state_operands(state)
+    fp8_scale = getattr(base, "finetune_fp8_scale", None)  # set by fuse_lora_layers(fp8_frozen=True)
+    return weight, absmax, code, nested_absmax, nested_code, offset, fp8_scale, *settings, bias
 
 
 def fusable(layer: torch.nn.Module) -> bool:
@@ -443,9 +440,11 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return out.view(result.shape)
 
 
-def fuse_lora_layers(model: torch.nn.Module) -> int:
+def fuse_lora_layers(model: torch.nn.Module, fp8_frozen: bool = False) -> int:
     """Give every fusable LoRA layer fused_forward; returns how many. PEFT's forward is kept on the
-    layer (finetune_peft_forward) for what fused_forward does not cover."""
+    layer (finetune_peft_forward) for what fused_forward does not cover. With `fp8_frozen`
+    (speed.fp8_frozen_matmuls) each frozen 4-bit layer computing in bf16 gets its weight's FP8 scale
+    (finetune/speed/fp8.py), found here once: the weight is frozen."""
     fused = 0
     for module in model.modules():
         if fusable(module) and not hasattr(module, "finetune_peft_forward"):
@@ -455,7 +454,26 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
             for adapter in module.lora_A.values():
                 if adapter.weight.device.type in ("cuda", "cpu"):
                     keep_arrival_counts(adapter.weight.device)
+            if fp8_frozen:
+                give_fp8_scale(module.get_base_layer())
     return fused
+
+
+def give_fp8_scale(base: torch.nn.Module) -> bool:
+    """Give a frozen bitsandbytes 4-bit layer computing in bf16 or fp16 its weight's FP8 scale, as a
+    buffer that is not saved (finetune_fp8_scale); returns whether it got one."""
+    dtype = getattr(base, "compute_dtype", None)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    probe = torch.empty(0, base.in_features, device=base.weight.device, dtype=dtype)
+    operands = frozen_operands(base, probe, dtype)
+    if operands is None or operands[1] is None:  # not a 4-bit layer lora_linear runs
+        return False
+    weight, absmax, code, nested_absmax, nested_code, offset, _, *settings, _ = operands
+    with torch.no_grad():
+        w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, *settings, torch.float32)
+        base.register_buffer("finetune_fp8_scale", fp8.weight_scale(w), persistent=False)
+    return True
 
 
 def kernel_problems(cuda_available: bool) -> list[str]:
