@@ -429,9 +429,9 @@ class SpeedConfig:
     2**-16); needs a CUDA GPU."""
     fp8_frozen_matmuls: bool = False
     """With speed.fused_lora: each frozen 4-bit layer's matmuls (forward and its input's gradient) run in
-    FP8 (e4m3; activations and gradients scaled per token, the weight by one scale), about 1.7x the
-    bf16 matmul's rate on an H100/H200 (finetune/speed/fp8.py). Changes the arithmetic: the loss moves by
-    a few hundredths (README). Needs a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell)."""
+    FP8 (e4m3; activations and gradients scaled per token, the weight by one scale), whose matmuls run
+    at 1.7x the bf16 rate on an H200 (finetune/speed/fp8.py, README). Changes the arithmetic: each
+    product's inputs are rounded to 3 mantissa bits. Needs a GPU of compute capability 8.9 or newer."""
 
     def problems(self) -> list[str]:
         p = []

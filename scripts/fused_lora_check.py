@@ -253,7 +253,19 @@ def fp8_kernel_check(device) -> None:
               f"{(got.view(torch.uint8) != want.view(torch.uint8)).sum().item()} of {w.numel():,} differ; "
               f"{seconds * 1e6:.1f} us ({w.numel() * 1.5 / seconds / 1e9:.0f} GB/s read and written)")
     bf16 = _time(lambda: fused_lora.frozen_weight(*frozen[:6], *frozen[7:11], torch.bfloat16))
-    print(f"the bf16 dequantization of the same weight: {bf16 * 1e6:.1f} us")
+    print(f"the bf16 dequantization of the same weight: {bf16 * 1e6:.1f} us; a transposed copy of the e4m3 "
+          f"weight in torch: {_time(lambda: expected.t().contiguous()) * 1e6:.1f} us")
+    # the matmuls alone, gate/up's shape: what FP8 buys before the conversions around it
+    w16, x16 = w.to(torch.bfloat16), torch.randn(TOKENS, 4096, device=device, dtype=torch.bfloat16)
+    x8, x8_scale = fp8.rows_to_e4m3(x16)
+    w_scale = frozen[6][:, :w.shape[0]]
+    flops = 2 * TOKENS * w.shape[0] * w.shape[1]
+    for name, fn in [("bf16 mm", lambda: torch.mm(x16, w16.t())),
+                     ("fp8 scaled_mm", lambda: torch._scaled_mm(x8, expected.t(), x8_scale, w_scale, out_dtype=torch.bfloat16)),
+                     ("fp8 scaled_mm, fast accumulation", lambda: torch._scaled_mm(
+                         x8, expected.t(), x8_scale, w_scale, out_dtype=torch.bfloat16, use_fast_accum=True))]:
+        seconds = _time(fn)
+        print(f"[{TOKENS}, 4096] x [4096, 14336] {name}: {seconds * 1e6:.1f} us ({flops / seconds / 1e12:.0f} TFLOP/s)")
 
 
 def main() -> None:

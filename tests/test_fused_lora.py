@@ -405,13 +405,18 @@ def test_compiled_blocks_recompute_the_masks_of_their_forward(tiny_llama, tokeni
     assert _relative_difference(compiled_grads, eager_grads) < 2e-2
 
 
-def test_the_cli_trains_with_fused_lora(tiny_llama, instruction_file, tmp_path, cache_dir):
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8-frozen-matmuls"])
+def test_the_cli_trains_with_fused_lora(tiny_llama, instruction_file, tmp_path, cache_dir, fp8):
+    """With speed.fp8_frozen_matmuls too (finetune/speed/fp8.py): compiled blocks run the FP8 layer op
+    (a compiled run pads every batch to data.max_length, 64 here: every call's token count is a
+    multiple of 16, which the FP8 path takes)."""
     out = tmp_path / "run"
     result = run_cli(tiny_run_args(tiny_llama, instruction_file, out, "speed=fast", "speed.fused_lora=true",
-                                   "lora.dropout=0.1", "train.max_steps=6", "train.grad_accum=1",
-                                   "train.learning_rate=1e-2"), cache_dir)
+                                   f"speed.fp8_frozen_matmuls={str(fp8).lower()}", "lora.dropout=0.1",
+                                   "train.max_steps=6", "train.grad_accum=1", "train.learning_rate=1e-2"), cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LoRA in fused Triton kernels" in result.stdout
+    assert ("frozen 4-bit matmuls in FP8" in result.stdout) == fp8
     losses = [loss for _, loss in json.loads((out / "summary.json").read_text())["losses"]]
     assert len(losses) == 6 and all(np.isfinite(losses)) and losses[-1] < losses[0]
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
