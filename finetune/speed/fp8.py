@@ -124,8 +124,9 @@ def _kernels():
             largest = tl.maximum(largest, tl.abs(v))
             poison += v * 0.0
         # SMALLEST_ROW_MAX, E4M3_MAX; a max may pass over NaN, a sum does not
-        scale = tl.maximum(tl.max(largest, axis=0), 1e-30) / 448.0 + tl.sum(poison, axis=0)
-        inverse = tl.math.div_rn(1.0, scale)  # IEEE division, as torch's (a plain `/` is approximate on a GPU)
+        # IEEE divisions (div_rn), as torch's: a plain `/` may be approximate on a GPU
+        scale = tl.math.div_rn(tl.maximum(tl.max(largest, axis=0), 1e-30), 448.0) + tl.sum(poison, axis=0)
+        inverse = tl.math.div_rn(1.0, scale)
         for start in range(0, cols, BLOCK):
             v = tl.load(x_ptr + row + start + offsets, mask=start + offsets < cols, other=0.0).to(tl.float32)
             tl.store(out_ptr + row + start + offsets, e4m3(v * inverse, INTERPRETER), mask=start + offsets < cols)

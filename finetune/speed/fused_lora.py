@@ -264,9 +264,9 @@ def _two_matmuls(grad_out: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor) 
 @torch.library.custom_op("finetune::lora_linear", mutates_args=())
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | None, code: torch.Tensor | None,
                 nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
-                fp8_scale: torch.Tensor | None, quant_type: str, blocksize: int, nested_blocksize: int, shape: list[int], bias: torch.Tensor | None,
-                lora_a: torch.Tensor, lora_b: torch.Tensor, seed: torch.Tensor, p: float,
-                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                fp8_scale: torch.Tensor | None, quant_type: str, blocksize: int, nested_blocksize: int,
+                shape: list[int], bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                seed: torch.Tensor, p: float, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x @ W.T + bias + scaling * dropout(x, p) @ A.T @ B.T for x [M, K] and the frozen W [N, K] (see
     frozen_weight), in x's dtype; returns it and u = scaling * dropout(x) @ A.T, which backward needs.
     A and B come in their own dtype (an fp32 adapter under autocast) and their gradients go back in it.
@@ -282,8 +282,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | No
     with torch.autocast(x.device.type, enabled=False):
         u = lora_down(x, lora_a, seed, p, scaling)
         low_rank_b = lora_b.to(x.dtype).t()
-        frozen = (weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize, shape)
         if fp8_scale is not None and fp8.runs_in_fp8(x.shape[0], shape, blocksize):
+            frozen = (weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
+                      shape)
             out = fp8.frozen_forward(x, frozen, fp8_scale).addmm_(u, low_rank_b)
             return (out if bias is None else out.add_(bias)), u
         out = torch.mm(u, low_rank_b) if bias is None else torch.addmm(bias, u, low_rank_b)
@@ -293,8 +294,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | No
 
 
 @lora_linear.register_fake
-def _(x, weight, absmax, code, nested_absmax, nested_code, offset, fp8_scale, quant_type, blocksize, nested_blocksize, shape,
-      bias, lora_a, lora_b, seed, p, scaling):
+def _(x, weight, absmax, code, nested_absmax, nested_code, offset, fp8_scale, quant_type, blocksize, nested_blocksize,
+      shape, bias, lora_a, lora_b, seed, p, scaling):
     return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
 
@@ -302,9 +303,8 @@ def _(x, weight, absmax, code, nested_absmax, nested_code, offset, fp8_scale, qu
 def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
                          absmax: torch.Tensor | None, code: torch.Tensor | None, nested_absmax: torch.Tensor | None,
                          nested_code: torch.Tensor | None, offset: torch.Tensor | None, fp8_scale: torch.Tensor | None,
-                         quant_type: str, blocksize: int,
-                         nested_blocksize: int, shape: list[int], lora_a: torch.Tensor, lora_b: torch.Tensor,
-                         seed: torch.Tensor, p: float, scaling: float,
+                         quant_type: str, blocksize: int, nested_blocksize: int, shape: list[int], lora_a: torch.Tensor,
+                         lora_b: torch.Tensor, seed: torch.Tensor, p: float, scaling: float,
                          input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of lora_linear with respect to x, A and B (x's is empty without `input_grad`), A's
     and B's in their own dtype, summed in fp32. The adapter's share of x's gradient is written first
@@ -356,10 +356,9 @@ lora_linear.register_autograd(_lora_linear_grad, setup_context=_lora_linear_setu
 
 def frozen_operands(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple | None:
     """lora_linear's arguments for the frozen layer `base` (weight .. shape, then its bias; fp8_scale where
-    fuse_lora_layers gave the layer one), or None when
-    lora_linear would not compute what the layer's own forward does with x: it must be a bitsandbytes
-    4-bit layer computing in `dtype` (its weight packed as bitsandbytes' own matmul reads it, [out, in])
-    or a plain linear layer whose weight is of `dtype`; frozen, bias included (lora_linear gives them no
+    fuse_lora_layers gave the layer one), or None when lora_linear would not compute what the layer's
+    own forward does with x: it must be a bitsandbytes 4-bit layer computing in `dtype` (its weight
+    packed as bitsandbytes' own matmul reads it, [out, in]) or a plain linear layer whose weight is of `dtype`; frozen, bias included (lora_linear gives them no
     gradient); on x's device; with no hooks around its forward (accelerate's offload hooks bring the
     weights there)."""
     import bitsandbytes as bnb
@@ -443,7 +442,7 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def fuse_lora_layers(model: torch.nn.Module, fp8_frozen: bool = False) -> int:
     """Give every fusable LoRA layer fused_forward; returns how many. PEFT's forward is kept on the
     layer (finetune_peft_forward) for what fused_forward does not cover. With `fp8_frozen`
-    (speed.fp8_frozen_matmuls) each frozen 4-bit layer computing in bf16 gets its weight's FP8 scale
+    (speed.fp8_frozen_matmuls) each frozen 4-bit layer computing in bf16 or fp16 gets its weight's FP8 scale
     (finetune/speed/fp8.py), found here once: the weight is frozen."""
     fused = 0
     for module in model.modules():
