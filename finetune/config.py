@@ -431,7 +431,8 @@ class SpeedConfig:
     """With speed.fused_lora: each frozen 4-bit layer's matmuls (forward and its input's gradient) run in
     FP8 (e4m3; activations and gradients scaled per token, the weight by one scale), whose matmuls run
     at 1.7x the bf16 rate on an H200 (finetune/speed/fp8.py, README). Changes the arithmetic: each
-    product's inputs are rounded to 3 mantissa bits. Needs a GPU of compute capability 8.9 or newer."""
+    product's inputs are rounded to 3 mantissa bits. Needs a GPU of compute capability 8.9 or newer,
+    speed.compile and a data.max_length that is a multiple of 16 (FP8 matmuls take token counts that are)."""
 
     def problems(self) -> list[str]:
         p = []

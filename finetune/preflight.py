@@ -83,9 +83,17 @@ def fp8_problems(cfg: Config, cuda_available: bool) -> list[str]:
     if cfg.quant.mode not in ("nf4", "fp4"):
         p.append(f"speed.fp8_frozen_matmuls=true runs the frozen 4-bit layers' matmuls in FP8, but quant.mode="
                  f"{cfg.quant.mode}: use quant.mode=nf4 (or fp4), or set speed.fp8_frozen_matmuls=false")
-    if cfg.quant.compute_dtype not in ("bfloat16", "float16"):
-        p.append(f"speed.fp8_frozen_matmuls=true needs a half-precision compute dtype (quant.compute_dtype="
+    if cfg.quant.compute_dtype != "bfloat16":
+        p.append(f"speed.fp8_frozen_matmuls=true is built and measured for bf16 compute (quant.compute_dtype="
                  f"{cfg.quant.compute_dtype}): use quant.compute_dtype=bfloat16")
+    # torch's FP8 matmul takes token counts that are multiples of 16; a call with another count would
+    # quietly run in bf16. Compiled runs pad every batch to fixed widths (multiples of 128, or
+    # data.max_length), so a data.max_length that is a multiple of 16 makes every count one.
+    if not cfg.speed.compile or cfg.data.max_length % 16:
+        p.append(f"speed.fp8_frozen_matmuls=true runs batches whose token count is a multiple of 16: set "
+                 f"speed.compile=true (it pads batches to fixed widths; speed=fast does) and data.max_length to a "
+                 f"multiple of 16 (got speed.compile={str(cfg.speed.compile).lower()}, data.max_length="
+                 f"{cfg.data.max_length})")
     if cfg.dist.strategy == "fsdp":
         p.append("speed.fp8_frozen_matmuls=true reads bitsandbytes' 4-bit layers, which dist.strategy=fsdp "
                  "stores as bf16 shards: use dist.strategy=ddp, or set speed.fp8_frozen_matmuls=false")

@@ -240,10 +240,10 @@ def fp8_kernel_check(device) -> None:
     x = torch.randn(TOKENS, 14336, device=device, dtype=torch.bfloat16)
     x_scale = x.float().abs().amax(1, keepdim=True) / 448
     expected_x = (x.float() * (1.0 / x_scale)).clamp(-448, 448).to(torch.float8_e4m3fn)
-    got_x, got_scale = fp8.rows_to_e4m3_kernel(x)
+    got_x, got_scale = fp8.rows_to_e4m3_by_kernel(x)
     print(f"rows_to_e4m3 [4096, 14336]: {(got_x.view(torch.uint8) != expected_x.view(torch.uint8)).sum().item()} "
           f"of {x.numel():,} differ from torch's cast, scales equal: {torch.equal(got_scale, x_scale)}; "
-          f"{_time(lambda: fp8.rows_to_e4m3_kernel(x)) * 1e6:.1f} us")
+          f"{_time(lambda: fp8.rows_to_e4m3_by_kernel(x)) * 1e6:.1f} us")
     args = (*frozen[:6], frozen[6], frozen[8], frozen[9], frozen[10])
     for transposed in (False, True):
         got = fp8.dequantize_4bit_e4m3(*args, transposed=transposed)
@@ -261,7 +261,8 @@ def fp8_kernel_check(device) -> None:
     w_scale = frozen[6][:, :w.shape[0]]
     flops = 2 * TOKENS * w.shape[0] * w.shape[1]
     for name, fn in [("bf16 mm", lambda: torch.mm(x16, w16.t())),
-                     ("fp8 scaled_mm", lambda: torch._scaled_mm(x8, expected.t(), x8_scale, w_scale, out_dtype=torch.bfloat16)),
+                     ("fp8 scaled_mm", lambda: torch._scaled_mm(x8, expected.t(), x8_scale, w_scale,
+                                                                out_dtype=torch.bfloat16)),
                      ("fp8 scaled_mm, fast accumulation", lambda: torch._scaled_mm(
                          x8, expected.t(), x8_scale, w_scale, out_dtype=torch.bfloat16, use_fast_accum=True))]:
         seconds = _time(fn)

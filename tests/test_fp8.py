@@ -60,10 +60,11 @@ def test_the_weight_kernel_equals_the_cpu_path_bit_for_bit(quant_type, nested, b
         assert w8.abs().max() == 448  # the largest magnitude lands on e4m3's largest
 
 
-def test_the_row_kernel_equals_the_cpu_path_and_rounds_to_nearest_even():
-    """Rows of very different magnitudes, a row of zeros, rows with a NaN and an inf (scale NaN); a row whose scale is 1
-    holding every e4m3 value, each midpoint between neighbours (ties go to the even one) and values past
-    the largest (saturate)."""
+def test_the_row_kernel_equals_the_cpu_path_and_rounds_to_nearest_even(monkeypatch):
+    """Rows of very different magnitudes, a row of zeros, rows with a NaN and an inf (scale NaN); a row
+    whose scale is 1 holding every e4m3 value and each midpoint between neighbours (ties go to the even
+    one). Blocks of 256 columns: each row of 634 is read in three."""
+    monkeypatch.setitem(fp8.LAUNCH, "rows", dict(fp8.LAUNCH["rows"], BLOCK=256))
     torch.manual_seed(0)
     grid = E4M3_GRID[E4M3_GRID >= 0]
     midpoints = (grid[1:] + grid[:-1]) / 2
@@ -73,7 +74,7 @@ def test_the_row_kernel_equals_the_cpu_path_and_rounds_to_nearest_even():
     rows[4][7], rows[5][3] = float("nan"), float("-inf")
     x = torch.stack(rows)
     expected, expected_scale = fp8.rows_to_e4m3(x)
-    got, scale = fp8.rows_to_e4m3_kernel(x)
+    got, scale = fp8.rows_to_e4m3_by_kernel(x)
     assert got.dtype == torch.float8_e4m3fn and scale.shape == (6, 1) and scale.dtype == torch.float32
     assert torch.equal(scale[:4], expected_scale[:4]) and scale[0, 0] == 1.0
     assert scale[4:].isnan().all() and expected_scale[4:].isnan().all()
@@ -138,9 +139,11 @@ def test_the_layer_op_in_fp8_stays_close_to_bf16(frozen, monkeypatch):
             assert all(1e-3 < d < 6e-2 for d in differences[:2]) and differences[2:] == [0, 0], differences
 
 
-def test_only_4bit_layers_get_a_scale():
+def test_only_4bit_layers_of_fp8_shapes_get_a_scale():
     plain = torch.nn.Linear(64, 64, bias=False, dtype=torch.bfloat16).requires_grad_(False)
     assert not fused_lora.give_fp8_scale(plain) and not hasattr(plain, "finetune_fp8_scale")
+    odd = _quantized_linear(72, 96, "nf4", True, False)  # 96 in features: not a multiple of the 64 block
+    assert not fused_lora.give_fp8_scale(odd) and not hasattr(odd, "finetune_fp8_scale")
     base = _quantized_linear(64, 64, "nf4", True, False)
     assert fused_lora.give_fp8_scale(base)
     assert "finetune_fp8_scale" not in base.state_dict()  # a buffer that is not saved
@@ -176,9 +179,10 @@ def test_a_model_in_fp8_gives_about_the_bf16_loss_and_gradients(tiny_llama, toke
     bf16_loss, bf16_grads = loss_and_grads(model, batch, 16, autocast=True)
     fp8_model = lora_model(tiny_llama, "speed.fp32_frozen=false")
     fp8_model.train()
-    layers = fuse_lora_layers(fp8_model, fp8_frozen=True)
-    scaled = [m for m in fp8_model.modules() if hasattr(m, "finetune_fp8_scale")]
-    assert len(scaled) == layers == 7 * fp8_model.config.num_hidden_layers
+    layers = fuse_lora_layers(fp8_model)
+    assert layers == 7 * fp8_model.config.num_hidden_layers
+    assert fused_lora.give_fp8_scales(fp8_model) == (layers, layers)
+    assert len([m for m in fp8_model.modules() if hasattr(m, "finetune_fp8_scale")]) == layers
     counter = CallCounter(monkeypatch)
     fp8_loss, fp8_grads = loss_and_grads(fp8_model, batch, 16, autocast=True)
     # every block is checkpointed: each forward runs again in backward, in FP8 too
@@ -189,21 +193,49 @@ def test_a_model_in_fp8_gives_about_the_bf16_loss_and_gradients(tiny_llama, toke
     assert 1e-3 < _relative_difference(fp8_grads, bf16_grads) < 5e-2
 
 
+def test_compiled_blocks_run_the_fp8_layers(tiny_llama, tokenizer, monkeypatch, fresh_compile_cache):
+    """Compiled blocks (one checkpointed, one keeping its matmul outputs) call the FP8 matmuls, and give
+    eager FP8's loss and gradients."""
+    from finetune.speed.compile import compile_blocks, keep_activations_of_last_blocks
+
+    batch = _batch_of_16(tokenizer)
+    model = lora_model(tiny_llama, "speed.fp32_frozen=false")
+    model.train()
+    layers = fuse_lora_layers(model)
+    fused_lora.give_fp8_scales(model)
+    keep_activations_of_last_blocks(model, 1)
+    eager_loss, eager_grads = loss_and_grads(model, batch, 16, autocast=True)
+    compile_blocks(model)
+    counter = CallCounter(monkeypatch)
+    compiled_loss, compiled_grads = loss_and_grads(model, batch, 16, autocast=True)
+    # the checkpointed block's 7 layers run forward twice, the other block's once
+    assert counter.calls == {"frozen_forward": layers + layers // 2, "frozen_input_grad": layers}
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-3, atol=0)
+    assert _relative_difference(compiled_grads, eager_grads) < 2e-2
+
+
 def test_preflight_refuses_fp8_where_it_cannot_run(tmp_path):
     from finetune.preflight import config_problems
     from finetune.run import compose
 
     def problems(*overrides):
-        return config_problems(compose([f"output_dir={tmp_path}", *overrides]), cuda_available=False,
+        return config_problems(compose([f"output_dir={tmp_path}", "speed=fast", *overrides]), cuda_available=False,
                                bf16_supported=False)
 
-    assert problems("speed.fused_lora=true", "speed.fp8_frozen_matmuls=true") == []
+    fp8_on = ("speed.fused_lora=true", "speed.fp8_frozen_matmuls=true")
+    assert problems(*fp8_on) == []
     alone = problems("speed.fp8_frozen_matmuls=true")
     assert len(alone) == 1 and "speed.fused_lora=true" in alone[0]
-    int8 = problems("speed.fused_lora=true", "speed.fp8_frozen_matmuls=true", "quant.mode=int8")
+    int8 = problems(*fp8_on, "quant.mode=int8")
     assert len(int8) == 1 and "quant.mode=nf4" in int8[0]
-    fsdp = problems("speed.fused_lora=true", "speed.fp8_frozen_matmuls=true", "dist=fsdp")
+    fp16 = problems(*fp8_on, "quant.compute_dtype=float16", "train.mixed_precision=no")
+    assert len(fp16) == 1 and "quant.compute_dtype=bfloat16" in fp16[0]
+    fsdp = problems(*fp8_on, "dist=fsdp")
     assert any("dist.strategy=ddp" in p for p in fsdp)
+    # token counts that are not multiples of 16 would quietly run in bf16
+    for overrides in [("speed.compile=false",), ("data.max_length=1000",)]:
+        width = problems(*fp8_on, *overrides)
+        assert len(width) == 1 and "multiple of 16" in width[0], width
 
 
 def test_the_cli_refuses_fp8_without_fused_lora(tiny_llama, instruction_file, tmp_path, cache_dir):

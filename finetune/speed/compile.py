@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from finetune.config import SpeedConfig
-from finetune.speed.fused_lora import fuse_lora_layers
+from finetune.speed.fused_lora import fuse_lora_layers, give_fp8_scales
 from finetune.speed.host_embeddings import offload_embeddings
 from finetune.speed.long_context import chunk_mlps, offload_checkpoints, offload_saved_inputs
 from finetune.speed.recompute import checkpoint_inside, keep_matmul_outputs
@@ -38,7 +38,12 @@ def apply_speed(model, speed: SpeedConfig, max_length: int) -> None:
     if speed.offload_embeddings:
         offload_embeddings(model)
     if speed.fused_lora:
-        fuse_lora_layers(model, fp8_frozen=speed.fp8_frozen_matmuls)
+        fuse_lora_layers(model)
+    if speed.fused_lora and speed.fp8_frozen_matmuls:
+        given, four_bit = give_fp8_scales(model)
+        if given < four_bit:
+            print(f"[finetune] speed.fp8_frozen_matmuls: {four_bit - given} of {four_bit} LoRA layers over 4-bit "
+                  "weights keep bf16 matmuls (features not multiples of 16 or of quant.blocksize)", flush=True)
     if speed.mlp_chunk_size:
         chunk_mlps(decoder_blocks(model), speed.mlp_chunk_size)
     if speed.offload_checkpoints:

@@ -64,11 +64,11 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def e4m3_cast(values, INTERPRETER: tl.constexpr):
+    def e4m3_cast(values, E4M3_MAX: tl.constexpr, INTERPRETER: tl.constexpr):
         """fp32 values clamped to e4m3's range and cast. Triton's CPU interpreter casts to e4m3 wrongly
         (it truncates, and misses binades), but casts values already on e4m3's grid exactly: there they
         are rounded to the grid by hand first, to nearest even (3 mantissa bits; 2**-9 steps below 2**-6)."""
-        values = tl.clamp(values, -448.0, 448.0)  # E4M3_MAX
+        values = tl.clamp(values, -E4M3_MAX, E4M3_MAX)
         if INTERPRETER:
             bits = values.to(tl.int32, bitcast=True)
             normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
@@ -83,7 +83,7 @@ def _kernels():
     def dequantize_4bit_e4m3_kernel(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                                     scale_ptr, out_ptr, rows, cols, nested_blocksize, BLOCKSIZE: tl.constexpr,
                                     TILE_ROWS: tl.constexpr, TILE_COLS: tl.constexpr, NESTED: tl.constexpr,
-                                    TRANSPOSE: tl.constexpr, INTERPRETER: tl.constexpr):
+                                    TRANSPOSE: tl.constexpr, E4M3_MAX: tl.constexpr, INTERPRETER: tl.constexpr):
         r = tl.program_id(0).to(tl.int64) * TILE_ROWS + tl.arange(0, TILE_ROWS)
         tile_start = tl.program_id(1).to(tl.int64) * TILE_COLS
         c = tile_start + tl.arange(0, TILE_COLS)
@@ -106,7 +106,7 @@ def _kernels():
         values = tl.interleave(tl.load(code_ptr + (packed >> 4)), tl.load(code_ptr + (packed & 15)))
         values = tl.reshape(tl.reshape(values, [TILE_ROWS, GROUPS, BLOCKSIZE]) * scale[:, :, None],
                             [TILE_ROWS, TILE_COLS])
-        weight = e4m3(values * tl.math.div_rn(1.0, tl.load(scale_ptr)), INTERPRETER)  # IEEE, as torch's
+        weight = e4m3(values * tl.math.div_rn(1.0, tl.load(scale_ptr)), E4M3_MAX, INTERPRETER)  # IEEE, as torch's
         if TRANSPOSE:  # [in, out]: consecutive rows of the weight are consecutive in memory
             tl.store(out_ptr + c[:, None] * rows + r[None, :], tl.trans(weight),
                      mask=(c[:, None] < cols) & row_in[None, :])
@@ -114,7 +114,8 @@ def _kernels():
             tl.store(out_ptr + r[:, None] * cols + c[None, :], weight, mask=row_in[:, None] & (c[None, :] < cols))
 
     @triton.jit
-    def rows_to_e4m3_kernel(x_ptr, out_ptr, scale_ptr, cols, BLOCK: tl.constexpr, INTERPRETER: tl.constexpr):
+    def rows_e4m3_kernel(x_ptr, out_ptr, scale_ptr, cols, BLOCK: tl.constexpr, E4M3_MAX: tl.constexpr,
+                         SMALLEST_ROW_MAX: tl.constexpr, INTERPRETER: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * cols
         offsets = tl.arange(0, BLOCK)
         largest = tl.zeros([BLOCK], dtype=tl.float32)
@@ -123,25 +124,31 @@ def _kernels():
             v = tl.load(x_ptr + row + start + offsets, mask=start + offsets < cols, other=0.0).to(tl.float32)
             largest = tl.maximum(largest, tl.abs(v))
             poison += v * 0.0
-        # SMALLEST_ROW_MAX, E4M3_MAX; a max may pass over NaN, a sum does not
-        # IEEE divisions (div_rn), as torch's: a plain `/` may be approximate on a GPU
-        scale = tl.math.div_rn(tl.maximum(tl.max(largest, axis=0), 1e-30), 448.0) + tl.sum(poison, axis=0)
+        # a max may pass over NaN, a sum does not; IEEE divisions (div_rn), as torch's: a plain `/` may be
+        # approximate on a GPU
+        scale = tl.math.div_rn(tl.maximum(tl.max(largest, axis=0), SMALLEST_ROW_MAX), E4M3_MAX) + tl.sum(poison, axis=0)
         inverse = tl.math.div_rn(1.0, scale)
         for start in range(0, cols, BLOCK):
             v = tl.load(x_ptr + row + start + offsets, mask=start + offsets < cols, other=0.0).to(tl.float32)
-            tl.store(out_ptr + row + start + offsets, e4m3(v * inverse, INTERPRETER), mask=start + offsets < cols)
+            tl.store(out_ptr + row + start + offsets, e4m3(v * inverse, E4M3_MAX, INTERPRETER),
+                     mask=start + offsets < cols)
         tl.store(scale_ptr + tl.program_id(0), scale)
 
-    return dequantize_4bit_e4m3_kernel, rows_to_e4m3_kernel
+    return dequantize_4bit_e4m3_kernel, rows_e4m3_kernel
+
+
+def layer_runs_in_fp8(shape: list[int], blocksize: int) -> bool:
+    """Whether a frozen 4-bit layer of `shape` [out, in] can run in FP8: torch's FP8 matmul takes
+    dimensions that are multiples of 16, and the kernel's tiles hold whole quantization blocks, so the
+    in features must be a multiple of the block size."""
+    out_features, in_features = shape
+    return out_features % 16 == 0 and in_features % 16 == 0 and blocksize > 0 and in_features % blocksize == 0
 
 
 def runs_in_fp8(tokens: int, shape: list[int], blocksize: int) -> bool:
-    """Whether a frozen 4-bit layer of `shape` [out, in] runs in FP8 for `tokens` rows of input: torch's
-    FP8 matmul takes dimensions that are multiples of 16, and the kernel's tiles hold whole quantization
-    blocks, so the in features must be a multiple of the block size."""
-    out_features, in_features = shape
-    return (tokens % 16 == 0 and out_features % 16 == 0 and in_features % 16 == 0 and blocksize > 0
-            and in_features % blocksize == 0)
+    """Whether a call of such a layer on `tokens` rows of input runs in FP8: the token count must be a
+    multiple of 16 as well (preflight asks for batch widths that make it so)."""
+    return tokens % 16 == 0 and layer_runs_in_fp8(shape, blocksize)
 
 
 def weight_scale(frozen_weight_fp32: torch.Tensor) -> torch.Tensor:
@@ -170,17 +177,21 @@ def dequantize_4bit_e4m3(packed: torch.Tensor, absmax: torch.Tensor, code: torch
     _kernels()[0][grid](packed.reshape(-1).view(torch.uint8), absmax, code, nested_absmax if nested else absmax,
                         nested_code if nested else code, offset if nested else absmax, scale, out, rows, cols,
                         nested_blocksize or 256, BLOCKSIZE=blocksize, NESTED=nested, TRANSPOSE=transposed,
-                        INTERPRETER=not packed.is_cuda, enable_fp_fusion=False, **launch)
+                        E4M3_MAX=E4M3_MAX, INTERPRETER=not packed.is_cuda, enable_fp_fusion=False, **launch)
     return out
 
 
-def rows_to_e4m3_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rows_to_e4m3_by_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """rows_to_e4m3 by one Triton kernel (one program per row); on the CPU in Triton's interpreter."""
+    if x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"rows_to_e4m3 takes a contiguous [rows, columns] tensor (got {list(x.shape)}, "
+                         f"contiguous: {x.is_contiguous()})")
     rows, cols = x.shape
     out = torch.empty(rows, cols, device=x.device, dtype=E4M3)
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
     if rows:
-        _kernels()[1][(rows,)](x, out, scale, cols, INTERPRETER=not x.is_cuda, **LAUNCH["rows"])
+        _kernels()[1][(rows,)](x, out, scale, cols, E4M3_MAX=E4M3_MAX, SMALLEST_ROW_MAX=SMALLEST_ROW_MAX,
+                               INTERPRETER=not x.is_cuda, **LAUNCH["rows"])
     return out, scale
 
 
@@ -189,7 +200,7 @@ def rows_to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (a row of zeros by SMALLEST_ROW_MAX / 448). A NaN or inf in a row makes its scale NaN, so the step's
     loss is NaN and the step is skipped, as in bf16 (saturating to e4m3's largest would hide an inf)."""
     if x.is_cuda:
-        return rows_to_e4m3_kernel(x)
+        return rows_to_e4m3_by_kernel(x)
     x32 = x.float()
     scale = x32.abs().amax(dim=1, keepdim=True).clamp_min(SMALLEST_ROW_MAX) / E4M3_MAX + (x32 * 0).sum(1, keepdim=True)
     return (x32 * (1.0 / scale)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
@@ -210,16 +221,16 @@ def frozen_weight_e4m3(weight: torch.Tensor, absmax: torch.Tensor, code: torch.T
     return w8.t().contiguous() if transposed else w8
 
 
-def frozen_forward(x: torch.Tensor, frozen: tuple, scale: torch.Tensor) -> torch.Tensor:
-    """x @ W.T in x's dtype by an FP8 matmul, for x [M, K] and the frozen 4-bit W [N, K] (`frozen`:
-    weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize, shape)."""
-    w8 = frozen_weight_e4m3(*frozen[:6], scale, *frozen[6:], transposed=False)
+def frozen_forward(x: torch.Tensor, *frozen) -> torch.Tensor:
+    """x @ W.T in x's dtype by an FP8 matmul, for x [M, K] and the frozen 4-bit W [N, K]; `frozen` is
+    frozen_weight_e4m3's arguments before `transposed` (weight .. offset, scale, quant_type .. shape)."""
+    w8, scale = frozen_weight_e4m3(*frozen, transposed=False), frozen[6]
     x8, x_scale = rows_to_e4m3(x)
     return torch._scaled_mm(x8, w8.t(), x_scale, scale[:, :w8.shape[0]], out_dtype=x.dtype, use_fast_accum=True)
 
 
-def frozen_input_grad(grad_out: torch.Tensor, frozen: tuple, scale: torch.Tensor) -> torch.Tensor:
+def frozen_input_grad(grad_out: torch.Tensor, *frozen) -> torch.Tensor:
     """grad_out @ W in grad_out's dtype by an FP8 matmul: the frozen layer's share of its input's gradient."""
-    w8t = frozen_weight_e4m3(*frozen[:6], scale, *frozen[6:], transposed=True)
+    w8t, scale = frozen_weight_e4m3(*frozen, transposed=True), frozen[6]
     g8, g_scale = rows_to_e4m3(grad_out)
     return torch._scaled_mm(g8, w8t.t(), g_scale, scale[:, :w8t.shape[0]], out_dtype=grad_out.dtype)

@@ -283,9 +283,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor | No
         u = lora_down(x, lora_a, seed, p, scaling)
         low_rank_b = lora_b.to(x.dtype).t()
         if fp8_scale is not None and fp8.runs_in_fp8(x.shape[0], shape, blocksize):
-            frozen = (weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
-                      shape)
-            out = fp8.frozen_forward(x, frozen, fp8_scale).addmm_(u, low_rank_b)
+            out = fp8.frozen_forward(x, weight, absmax, code, nested_absmax, nested_code, offset, fp8_scale, quant_type,
+                                     blocksize, nested_blocksize, shape).addmm_(u, low_rank_b)
             return (out if bias is None else out.add_(bias)), u
         out = torch.mm(u, low_rank_b) if bias is None else torch.addmm(bias, u, low_rank_b)
         w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
@@ -316,9 +315,9 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tenso
             return x.new_empty(0), grad_a, grad_b
         grad_x = lora_down_grad_input(grad_u, lora_a, seed, p, scaling)
         if fp8_scale is not None and fp8.runs_in_fp8(x.shape[0], shape, blocksize):
-            frozen = (weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize, nested_blocksize,
-                      shape)
-            return grad_x.add_(fp8.frozen_input_grad(grad_out, frozen, fp8_scale)), grad_a, grad_b
+            frozen_grad = fp8.frozen_input_grad(grad_out, weight, absmax, code, nested_absmax, nested_code, offset,
+                                                fp8_scale, quant_type, blocksize, nested_blocksize, shape)
+            return grad_x.add_(frozen_grad), grad_a, grad_b
         w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
                           nested_blocksize, shape, x.dtype)
         return grad_x.addmm_(grad_out, w), grad_a, grad_b
@@ -356,11 +355,11 @@ lora_linear.register_autograd(_lora_linear_grad, setup_context=_lora_linear_setu
 
 def frozen_operands(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple | None:
     """lora_linear's arguments for the frozen layer `base` (weight .. shape, then its bias; fp8_scale where
-    fuse_lora_layers gave the layer one), or None when lora_linear would not compute what the layer's
+    give_fp8_scales gave the layer one), or None when lora_linear would not compute what the layer's
     own forward does with x: it must be a bitsandbytes 4-bit layer computing in `dtype` (its weight
-    packed as bitsandbytes' own matmul reads it, [out, in]) or a plain linear layer whose weight is of `dtype`; frozen, bias included (lora_linear gives them no
-    gradient); on x's device; with no hooks around its forward (accelerate's offload hooks bring the
-    weights there)."""
+    packed as bitsandbytes' own matmul reads it, [out, in]) or a plain linear layer whose weight is of
+    `dtype`; frozen, bias included (lora_linear gives them no gradient); on x's device; with no hooks
+    around its forward (accelerate's offload hooks bring the weights there)."""
     import bitsandbytes as bnb
 
     weight, bias = base.weight, base.bias
@@ -379,7 +378,7 @@ def frozen_operands(base: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) 
     from finetune.speed.dequant_kernels import quant_state_operands
 
     absmax, code, nested_absmax, nested_code, offset, *settings = quant_state_operands(state)
-    fp8_scale = getattr(base, "finetune_fp8_scale", None)  # set by fuse_lora_layers(fp8_frozen=True)
+    fp8_scale = getattr(base, "finetune_fp8_scale", None)  # set by give_fp8_scales
     return weight, absmax, code, nested_absmax, nested_code, offset, fp8_scale, *settings, bias
 
 
@@ -439,11 +438,9 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return out.view(result.shape)
 
 
-def fuse_lora_layers(model: torch.nn.Module, fp8_frozen: bool = False) -> int:
+def fuse_lora_layers(model: torch.nn.Module) -> int:
     """Give every fusable LoRA layer fused_forward; returns how many. PEFT's forward is kept on the
-    layer (finetune_peft_forward) for what fused_forward does not cover. With `fp8_frozen`
-    (speed.fp8_frozen_matmuls) each frozen 4-bit layer computing in bf16 or fp16 gets its weight's FP8 scale
-    (finetune/speed/fp8.py), found here once: the weight is frozen."""
+    layer (finetune_peft_forward) for what fused_forward does not cover."""
     fused = 0
     for module in model.modules():
         if fusable(module) and not hasattr(module, "finetune_peft_forward"):
@@ -453,22 +450,32 @@ def fuse_lora_layers(model: torch.nn.Module, fp8_frozen: bool = False) -> int:
             for adapter in module.lora_A.values():
                 if adapter.weight.device.type in ("cuda", "cpu"):
                     keep_arrival_counts(adapter.weight.device)
-            if fp8_frozen:
-                give_fp8_scale(module.get_base_layer())
     return fused
 
 
+def give_fp8_scales(model: torch.nn.Module) -> tuple[int, int]:
+    """speed.fp8_frozen_matmuls: give each fused LoRA layer's frozen bitsandbytes 4-bit base (bf16
+    compute) its weight's FP8 scale (finetune/speed/fp8.py), found here once, as the weight is frozen;
+    returns (how many got one, how many 4-bit bases there are). A base whose features are not multiples
+    of 16, or of its quantization block, gets none and keeps bf16 matmuls."""
+    import bitsandbytes as bnb
+
+    bases = [m.get_base_layer() for m in model.modules() if hasattr(m, "finetune_peft_forward")]
+    four_bit = [b for b in bases if type(b) is bnb.nn.Linear4bit]
+    return sum(give_fp8_scale(b) for b in four_bit), len(four_bit)
+
+
 def give_fp8_scale(base: torch.nn.Module) -> bool:
-    """Give a frozen bitsandbytes 4-bit layer computing in bf16 or fp16 its weight's FP8 scale, as a
-    buffer that is not saved (finetune_fp8_scale); returns whether it got one."""
-    dtype = getattr(base, "compute_dtype", None)
-    if dtype not in (torch.bfloat16, torch.float16):
-        return False
-    probe = torch.empty(0, base.in_features, device=base.weight.device, dtype=dtype)
-    operands = frozen_operands(base, probe, dtype)
-    if operands is None or operands[1] is None:  # not a 4-bit layer lora_linear runs
+    """Give a frozen bitsandbytes 4-bit layer computing in bf16 its weight's FP8 scale, as a buffer
+    that is not saved (finetune_fp8_scale), where lora_linear runs it and its shape can run in FP8;
+    returns whether it got one."""
+    probe = torch.empty(0, base.in_features, device=base.weight.device, dtype=torch.bfloat16)
+    operands = frozen_operands(base, probe, torch.bfloat16)
+    if operands is None or operands[1] is None:  # not a 4-bit layer lora_linear runs in bf16
         return False
     weight, absmax, code, nested_absmax, nested_code, offset, _, *settings, _ = operands
+    if not fp8.layer_runs_in_fp8(settings[3], settings[1]):
+        return False
     with torch.no_grad():
         w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, *settings, torch.float32)
         base.register_buffer("finetune_fp8_scale", fp8.weight_scale(w), persistent=False)
