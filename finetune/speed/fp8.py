@@ -2,9 +2,9 @@
 
 The frozen matmuls are two thirds of a llama3-8b step on an H200, and the step runs at the card's power
 limit (docs/decisions.md): only less work per token makes it faster. An FP8 (e4m3) matmul does the same
-multiply-adds in 0.53-0.59 of a bf16 one's time there (docs/decisions.md). Here each frozen layer's forward and its
-input gradient run in FP8; the adapter's path (finetune/speed/fused_lora.py), the adapter's gradients,
-attention, norms and the LM head stay as they were.
+multiply-adds in 0.53-0.59 of a bf16 one's time there (docs/decisions.md). Here each frozen layer's
+forward and its input gradient run in FP8; the adapter's path (finetune/speed/fused_lora.py), the
+adapter's gradients, attention, norms and the LM head stay as they were.
 
     forward   y      = scaled_mm(rows_fp8(x), W8.T)        * x_scale[m] * w_scale   (+ adapter, bias)
     backward  grad_x = scaled_mm(rows_fp8(grad_y), W8T.T)  * g_scale[m] * w_scale   (+ adapter's share)
