@@ -124,13 +124,16 @@ def build_random_model(shape: str, out: Path) -> Path:
     return out
 
 
-def make_examples(n: int, seq: int, min_len: int, seed: int = 0) -> list[torch.Tensor]:
+def make_examples(n: int, seq: int, min_len: int, seed: int = 0, uniform_over: int = 0) -> list[torch.Tensor]:
     """Examples of token ids drawn from a Zipf law over 1,024 ids (a unigram law a LoRA learns fast),
-    of lengths uniform in [min_len, seq] (all `seq` when min_len == seq)."""
+    or with `uniform_over`, uniform over that many ids (the pad, bos and eos ids 0-2 among them), of
+    lengths uniform in [min_len, seq] (all `seq` when min_len == seq)."""
     gen = torch.Generator().manual_seed(seed)
     ranks = torch.arange(1, 1025, dtype=torch.float64)
     probs = (1 / ranks) / (1 / ranks).sum()
     lengths = torch.randint(min_len, seq + 1, (n,), generator=gen) if min_len < seq else torch.full((n,), seq)
+    if uniform_over:
+        return [torch.randint(0, uniform_over, (int(k),), generator=gen) for k in lengths]
     return [torch.multinomial(probs, int(k), replacement=True, generator=gen) + 3 for k in lengths]
 
 
@@ -238,7 +241,8 @@ def unsloth_model(model_dir: str, seq: int):
 
 
 def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batch: int, seq: int, warmup: int,
-                   diagnose: bool = False, unsloth_trainer_checkpointing: bool = False) -> None:
+                   diagnose: bool = False, unsloth_trainer_checkpointing: bool = False, lr: float = LR,
+                   optim: str = "paged_adamw_32bit") -> None:
     """A side trained by transformers' Trainer with the HF recipe's arguments: hf, liger or unsloth."""
     if side == "unsloth":
         model = unsloth_model(model_dir, seq)
@@ -251,11 +255,11 @@ def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batc
     # (--unsloth-trainer-checkpointing does that anyway, to test whether it made an earlier try's losses NaN)
     trainer_checkpointing = side != "unsloth" or unsloth_trainer_checkpointing
     train_each(batch_sets, lambda batches: train_with_trainer(model, batches, batch, warmup, trainer_checkpointing,
-                                                              diagnose))
+                                                              diagnose, lr, optim))
 
 
 def train_with_trainer(model, batches: list[dict], batch: int, warmup: int, checkpointing: bool = True,
-                       diagnose: bool = False) -> dict:
+                       diagnose: bool = False, lr: float = LR, optim: str = "paged_adamw_32bit") -> dict:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -297,8 +301,8 @@ def train_with_trainer(model, batches: list[dict], batch: int, warmup: int, chec
     callbacks = [timer] + ([non_finite_probe(model, batches)] if diagnose else [])
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=batch, max_steps=len(batches), learning_rate=LR,
-            lr_scheduler_type="constant", optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=checkpointing,
+            output_dir=out, per_device_train_batch_size=batch, max_steps=len(batches), learning_rate=lr,
+            lr_scheduler_type="constant", optim=optim, bf16=True, gradient_checkpointing=checkpointing,
             logging_steps=1, report_to="none", save_strategy="no", remove_unused_columns=False, seed=0,
             dataloader_drop_last=True, logging_nan_inf_filter=False,  # the filter logs a NaN loss as a finite one
         )
@@ -605,6 +609,9 @@ def busy_line(events: list[dict]) -> str:
 
 def run_worker(args) -> None:
     if args.worker == "unsloth":
+        if args.peer_import_late:
+            import peft  # noqa: F401
+            import transformers  # noqa: F401
         import unsloth  # noqa: F401  (before transformers, peft and trl, which it patches as it imports)
 
     from finetune.speed import batch_widths
@@ -629,7 +636,7 @@ def run_worker(args) -> None:
     else:
         longest = max(args.max_seq or [args.seq])  # unsloth sizes its RoPE cache for max_seq_length
         worker_trainer(args.worker, args.model_dir, batch_sets, args.batch, longest, args.warmup, args.diagnose,
-                       args.unsloth_trainer_checkpointing)
+                       args.unsloth_trainer_checkpointing, args.trainer_lr, args.trainer_optim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,6 +716,14 @@ def main() -> None:
                    help="an environment setting for the peer sides' workers (e.g. UNSLOTH_DISABLE_DOUBLE_BUFFER=1)")
     p.add_argument("--unsloth-trainer-checkpointing", action="store_true",
                    help="turn the Trainer's gradient checkpointing on for unsloth as well, around its own")
+    p.add_argument("--peer-import-late", action="store_true",
+                   help="import transformers and peft before unsloth (it then warns that it misses patches)")
+    p.add_argument("--trainer-lr", type=float, default=LR, help=f"the Trainer sides' learning rate (default {LR})")
+    p.add_argument("--trainer-optim", default="paged_adamw_32bit",
+                   help="the Trainer sides' optim (default the HF recipe's paged_adamw_32bit; unsloth's recipes "
+                        "use adamw_8bit)")
+    p.add_argument("--ids", choices=["zipf", "uniform"], default="zipf",
+                   help="token ids: Zipf over 1,024 ids (default), or uniform over the whole vocabulary")
     p.add_argument("--diagnose", action="store_true",
                    help="when a peer side's losses are not all finite, run it again with probes that print "
                         "where the first non-finite value appears (DIAG lines)")
@@ -748,10 +763,13 @@ def main() -> None:
 
     cache = Path(args.cache)
     model_dir = build_random_model(args.shape, cache / args.shape)
-    rows_file = cache / f"examples-{args.shape}-{args.batch}x{args.seq}-{args.min_len}.pt"
+    config = AutoConfig.from_pretrained(model_dir)
+    rows_file = cache / f"examples-{args.shape}-{args.batch}x{args.seq}-{args.min_len}-{args.ids}.pt"
     min_len = args.min_len or args.seq
-    torch.save(make_examples((args.warmup + args.steps) * args.batch, args.seq, min_len), rows_file)
-    fpt, n_matmul = flops_per_token(AutoConfig.from_pretrained(model_dir), args.seq)
+    uniform_over = config.vocab_size if args.ids == "uniform" else 0
+    torch.save(make_examples((args.warmup + args.steps) * args.batch, args.seq, min_len, uniform_over=uniform_over),
+               rows_file)
+    fpt, n_matmul = flops_per_token(config, args.seq)
     # Without recompute a step does 4N per token and three of the four attention passes.
     fpt_no_recompute = 4 * n_matmul + 0.75 * (fpt - 6 * n_matmul)
     peak_tflops = measure_bf16_tflops()
@@ -770,6 +788,8 @@ def main() -> None:
         cmd += [f"--override={o}" for o in overrides] + (["--profile"] if args.profile else [])
         cmd += ["--sync-debug"] if args.sync_debug and worker == "ours" else []
         cmd += ["--unsloth-trainer-checkpointing"] if args.unsloth_trainer_checkpointing else []
+        cmd += ["--peer-import-late"] if args.peer_import_late else []
+        cmd += [f"--trainer-lr={args.trainer_lr}", f"--trainer-optim={args.trainer_optim}"] if worker != "ours" else []
         cmd += [f"--gpu-memory-gib={args.gpu_memory_gib}"] if args.gpu_memory_gib else []
         cmd += [f"--max-seq={','.join(map(str, args.max_seq))}", f"--max-seq-steps={args.max_seq_steps}"] \
             if args.max_seq else []

@@ -92,6 +92,22 @@ def test_the_mask_pairs_columns_from_each_tile_start_on_an_odd_width():
     assert torch.equal(grad_x != 0, reference_keep(40, 301, 99, 0.3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_input_gradient_adds_its_addend_before_rounding(dtype):
+    """With an addend the kernel writes its term plus the addend, in the input's dtype (speed.fp8_frozen_matmuls
+    hands it the frozen matmul's share of the input gradient)."""
+    grad_u, weight = torch.randn(150, 16, dtype=dtype), torch.randn(16, 301, dtype=dtype)
+    addend = torch.randn(150, 301, dtype=dtype) * 10
+    seed = torch.tensor(7, dtype=torch.int32)
+    term = fused_lora.lora_down_grad_input(grad_u, weight.float(), seed, 0.3, 0.5)
+    exact = reference_keep(150, 301, 7, 0.3) * (grad_u.float() @ weight.float()) * 0.5 * kept_scale(0.3)
+    torch.testing.assert_close(term.float(), exact, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+    summed = fused_lora.lora_down_grad_input(grad_u, weight.float(), seed, 0.3, 0.5, addend=addend)
+    torch.testing.assert_close(summed.float(), exact + addend.float(),
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+    assert summed.dtype == dtype and not torch.equal(summed, addend)
+
+
 @pytest.mark.parametrize("p", [0.05, 0.5])
 def test_the_hash_mask_has_dropout_statistics(p):
     n = 2048

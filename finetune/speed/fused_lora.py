@@ -151,9 +151,10 @@ def _(x, weight, seed, p, scaling=1.0):
 
 @torch.library.custom_op("finetune::lora_down_grad_input", mutates_args=())
 def lora_down_grad_input(grad_u: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float,
-                         scaling: float = 1.0) -> torch.Tensor:
+                         scaling: float = 1.0, addend: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of lora_down with respect to x: scaling * (grad_u @ weight) through the same mask, in
-    grad_u's dtype."""
+    grad_u's dtype, plus `addend` ([M, K]) where given: added in fp32 before the one rounding, so an
+    addend costs one read, where adding it afterwards reads and writes the result twice more."""
     from finetune.speed import lora_kernels as k
 
     m, r = grad_u.shape
@@ -161,12 +162,13 @@ def lora_down_grad_input(grad_u: torch.Tensor, weight: torch.Tensor, seed: torch
     grad_x = grad_u.new_empty(m, width)
     launch = LAUNCH["grad_input"]
     k.lora_down_grad_input_kernel[(-(-m // launch["BLOCK_M"]), -(-width // launch["BLOCK_K"]))](
-        grad_u, weight, grad_x, seed, m, width, **launch, **_shared_arguments(p, r, grad_u, scaling))
+        grad_u, weight, grad_x if addend is None else addend.contiguous(), grad_x, seed, m, width, **launch,
+        ADD=addend is not None, **_shared_arguments(p, r, grad_u, scaling))
     return grad_x
 
 
 @lora_down_grad_input.register_fake
-def _(grad_u, weight, seed, p, scaling=1.0):
+def _(grad_u, weight, seed, p, scaling=1.0, addend=None):
     return grad_u.new_empty(grad_u.shape[0], weight.shape[1])
 
 
@@ -307,17 +309,18 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, u: torch.Tenso
                          input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of lora_linear with respect to x, A and B (x's is empty without `input_grad`), A's
     and B's in their own dtype, summed in fp32. The adapter's share of x's gradient is written first
-    and the frozen matmul's adds itself to it in place."""
+    and the frozen matmul's adds itself to it in place; in FP8 the frozen matmul's share comes first
+    and the adapter's kernel adds it as it writes (torch's FP8 matmul takes no addend)."""
     with torch.autocast(x.device.type, enabled=False):
         grad_u, grad_b = lora_up_grads(grad_out, u, lora_b)  # u carries the scaling
         grad_a = lora_down_grad_weight(grad_u, x, seed, p, scaling).to(lora_a.dtype)
         if not input_grad:
             return x.new_empty(0), grad_a, grad_b
-        grad_x = lora_down_grad_input(grad_u, lora_a, seed, p, scaling)
         if fp8_scale is not None and fp8.runs_in_fp8(x.shape[0], shape, blocksize):
             frozen_grad = fp8.frozen_input_grad(grad_out, weight, absmax, code, nested_absmax, nested_code, offset,
                                                 fp8_scale, quant_type, blocksize, nested_blocksize, shape)
-            return grad_x.add_(frozen_grad), grad_a, grad_b
+            return lora_down_grad_input(grad_u, lora_a, seed, p, scaling, addend=frozen_grad), grad_a, grad_b
+        grad_x = lora_down_grad_input(grad_u, lora_a, seed, p, scaling)
         w = frozen_weight(weight, absmax, code, nested_absmax, nested_code, offset, quant_type, blocksize,
                           nested_blocksize, shape, x.dtype)
         return grad_x.addmm_(grad_out, w), grad_a, grad_b

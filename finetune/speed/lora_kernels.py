@@ -2,7 +2,7 @@
 
     u      = (x * keep * scale) @ A.T                         lora_down_kernel (per column split)
     grad_A = grad_u.T @ (x * keep * scale)                    lora_down_grad_weight_kernel (per row split)
-    grad_x = (grad_u @ A) * keep * scale                      lora_down_grad_input_kernel
+    grad_x = (grad_u @ A) * keep * scale  (+ addend)          lora_down_grad_input_kernel
     grad_u = grad_out @ B,  grad_B = grad_out.T @ u           lora_up_grads_kernel (one pass over grad_out)
 
 x is [M, K] (tokens x in features), A [R, K], u and grad_u [M, R]; scale is 1 / (1 - p), times LoRA's
@@ -215,9 +215,10 @@ def lora_up_grads_kernel(g_ptr, u_ptr, b_ptr, grad_u_ptr, grad_b_ptr, part_u_ptr
 
 
 @triton.jit
-def lora_down_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, threshold, scale,
+def lora_down_grad_input_kernel(g_ptr, a_ptr, addend_ptr, out_ptr, seed_ptr, M, K, threshold, scale,
                                 R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_K: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+                                BLOCK_K: tl.constexpr, DROPOUT: tl.constexpr, ADD: tl.constexpr,
+                                PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, R_PAD)
@@ -230,5 +231,8 @@ def lora_down_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, threshold
     y = mma(g, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION, INTERPRETER) * scale
     if DROPOUT:
         y = tl.where(kept(row_hashes(seed_ptr, rows), cols, threshold), y, 0.0)
+    offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    if ADD:
+        y += tl.load(addend_ptr + offsets, mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
     y = rounded(y, out_ptr.dtype.element_ty, INTERPRETER)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], y, mask=row_in[:, None] & col_in[None, :])
+    tl.store(out_ptr + offsets, y, mask=row_in[:, None] & col_in[None, :])
