@@ -36,7 +36,9 @@ own that only the peers' processes see first on their path:
 
 A peer's non-finite loss or gradient prints its grad norms and its own messages by step; `--diagnose`
 then runs it again with probes (the first module whose output is non-finite, the parameters whose
-gradient arrives non-finite, each row of that batch alone).
+gradient arrives non-finite, each row of that batch alone). `--ids uniform`, `--peer-import-late`,
+`--trainer-lr` and `--trainer-optim` change the rows, unsloth's import order and the Trainer sides'
+optimizer, to test a cause of a non-finite loss (the README, "Against peers: unsloth and HF + Liger kernels").
 """
 
 from __future__ import annotations
