@@ -458,6 +458,17 @@ class SpeedConfig:
                      "saved tensors in their own memory pool); set speed.cuda_graphs=false")
         return p
 
+    def fused_lora_note(self) -> Optional[str]:
+        """What to tell the user when fused LoRA runs without CUDA graphs, else None: each of its small
+        Triton kernels is then launched from Python, which can cost more host time than the kernel runs."""
+        if not self.fused_lora or self.cuda_graphs:
+            return None
+        fix = ("speed.cuda_graphs is refused with speed.offload_checkpoints, so choose by memory or speed"
+               if self.offload_checkpoints else "set speed.cuda_graphs=true (with speed.compile) to replay them")
+        return ("speed.fused_lora=true without speed.cuda_graphs: its small kernels are launched one by one from "
+                "Python, so steps can be slower than with PEFT's layers while using less memory (README, "
+                f"speed.fused_lora); {fix}")
+
 
 @dataclass
 class SampleConfig:

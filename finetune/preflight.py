@@ -396,8 +396,7 @@ def _finished_step(run_dir: Path) -> Optional[int]:
 
 def notes(cfg: Config) -> list[str]:
     """What preflight adjusted rather than refused, to print once the launch is accepted."""
-    note = cfg.train.warmup_note()
-    return [note] if note else []
+    return [note for note in (cfg.train.warmup_note(), cfg.speed.fused_lora_note()) if note]
 
 
 def preflight(cfg: Config, run_dir: Path, cache_dir: Optional[Path] = None) -> tuple[str, Optional[Path]]:

@@ -27,7 +27,7 @@ from finetune.config import (
     schema_keys,
     suggest_key,
 )
-from finetune.preflight import _write_problem, config_problems, model_problems, output_dir_problems, preflight
+from finetune.preflight import _write_problem, config_problems, model_problems, notes, output_dir_problems, preflight
 from finetune.run import compose
 from tests.conftest import run_cli, tiny_run_args
 
@@ -263,6 +263,16 @@ def test_a_warmup_longer_than_the_run_is_shortened_with_a_note():
     assert TrainConfig(max_steps=1, warmup_steps=1).warmup_steps_for_run() == 0
     assert TrainConfig(max_steps=100, warmup_ratio=0.1).warmup_steps_for_run() == 10
     assert TrainConfig(max_steps=100, warmup_steps=4).warmup_note() is None
+
+
+def test_fused_lora_without_cuda_graphs_gets_a_note_that_names_the_fix():
+    assert SpeedConfig(fused_lora=True, compile=True, cuda_graphs=True).fused_lora_note() is None
+    assert SpeedConfig(fused_lora=False).fused_lora_note() is None
+    assert "set speed.cuda_graphs=true" in SpeedConfig(fused_lora=True).fused_lora_note()
+    offloaded = SpeedConfig(fused_lora=True, offload_checkpoints=True).fused_lora_note()
+    assert "launched one by one from Python" in offloaded and "refused with speed.offload_checkpoints" in offloaded
+    cfg = compose(["output_dir=/tmp/unused", "speed.fused_lora=true"])
+    assert notes(cfg) == [cfg.speed.fused_lora_note()]
 
 
 def test_a_command_line_warmup_replaces_the_recipes_and_both_at_once_are_refused():
