@@ -93,7 +93,7 @@ def test_the_mask_pairs_columns_from_each_tile_start_on_an_odd_width():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_input_gradient_adds_its_addend_before_rounding(dtype):
+def test_the_input_gradient_kernel_adds_an_addend(dtype):
     """With an addend the kernel writes its term plus the addend, in the input's dtype (speed.fp8_frozen_matmuls
     hands it the frozen matmul's share of the input gradient)."""
     grad_u, weight = torch.randn(150, 16, dtype=dtype), torch.randn(16, 301, dtype=dtype)
@@ -106,6 +106,8 @@ def test_the_input_gradient_adds_its_addend_before_rounding(dtype):
     torch.testing.assert_close(summed.float(), exact + addend.float(),
                                rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
     assert summed.dtype == dtype and not torch.equal(summed, addend)
+    with pytest.raises(ValueError, match=r"addend of shape \[150, 300\]"):
+        fused_lora.lora_down_grad_input(grad_u, weight.float(), seed, 0.3, 0.5, addend=addend[:, :300])
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])

@@ -159,6 +159,9 @@ def lora_down_grad_input(grad_u: torch.Tensor, weight: torch.Tensor, seed: torch
 
     m, r = grad_u.shape
     width = weight.shape[1]
+    if addend is not None and tuple(addend.shape) != (m, width):
+        raise ValueError(f"lora_down_grad_input: an addend of shape {list(addend.shape)} for a gradient of "
+                         f"shape {[m, width]}")
     grad_x = grad_u.new_empty(m, width)
     launch = LAUNCH["grad_input"]
     k.lora_down_grad_input_kernel[(-(-m // launch["BLOCK_M"]), -(-width // launch["BLOCK_K"]))](
