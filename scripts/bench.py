@@ -74,6 +74,7 @@ SHAPES = {
     ),
 }
 LR, LORA_R, LORA_ALPHA, LORA_DROPOUT = 2e-4, 16, 32, 0.05
+OPTIM = "paged_adamw_32bit"  # the HF recipe's optimizer, on both sides unless --trainer-optim changes the Trainer's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ def unsloth_model(model_dir: str, seq: int):
 
 def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batch: int, seq: int, warmup: int,
                    diagnose: bool = False, unsloth_trainer_checkpointing: bool = False, lr: float = LR,
-                   optim: str = "paged_adamw_32bit") -> None:
+                   optim: str = OPTIM) -> None:
     """A side trained by transformers' Trainer with the HF recipe's arguments: hf, liger or unsloth."""
     if side == "unsloth":
         model = unsloth_model(model_dir, seq)
@@ -261,7 +262,7 @@ def worker_trainer(side: str, model_dir: str, batch_sets: list[list[dict]], batc
 
 
 def train_with_trainer(model, batches: list[dict], batch: int, warmup: int, checkpointing: bool = True,
-                       diagnose: bool = False, lr: float = LR, optim: str = "paged_adamw_32bit") -> dict:
+                       diagnose: bool = False, lr: float = LR, optim: str = OPTIM) -> dict:
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -404,7 +405,7 @@ def our_config(model_dir: str, overrides: list[str], seq: int):
 
     return compose([
         f"model.name_or_path={model_dir}", "quant=nf4", f"lora.r={LORA_R}", f"lora.alpha={LORA_ALPHA}",
-        f"lora.dropout={LORA_DROPOUT}", "lora.target_modules=[all-linear]", "train.optimizer=paged_adamw_32bit",
+        f"lora.dropout={LORA_DROPOUT}", "lora.target_modules=[all-linear]", f"train.optimizer={OPTIM}",
         f"train.lr={LR}", "train.lr_scheduler=constant", "train.warmup_steps=0", "train.warmup_ratio=0", "train.max_steps=100000",
         "train.grad_accum=1", "train.gradient_checkpointing=true", f"data.max_length={seq}", "output_dir=/tmp/unused",
         *overrides,
@@ -721,8 +722,8 @@ def main() -> None:
     p.add_argument("--peer-import-late", action="store_true",
                    help="import transformers and peft before unsloth (it then warns that it misses patches)")
     p.add_argument("--trainer-lr", type=float, default=LR, help=f"the Trainer sides' learning rate (default {LR})")
-    p.add_argument("--trainer-optim", default="paged_adamw_32bit",
-                   help="the Trainer sides' optim (default the HF recipe's paged_adamw_32bit; unsloth's recipes "
+    p.add_argument("--trainer-optim", default=OPTIM,
+                   help=f"the Trainer sides' optim (default the HF recipe's {OPTIM}; unsloth's recipes "
                         "use adamw_8bit)")
     p.add_argument("--ids", choices=["zipf", "uniform"], default="zipf",
                    help="token ids: Zipf over 1,024 ids (default), or uniform over the whole vocabulary")

@@ -99,12 +99,12 @@ def test_the_input_gradient_kernel_adds_an_addend(dtype):
     grad_u, weight = torch.randn(150, 16, dtype=dtype), torch.randn(16, 301, dtype=dtype)
     addend = torch.randn(150, 301, dtype=dtype) * 10
     seed = torch.tensor(7, dtype=torch.int32)
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     term = fused_lora.lora_down_grad_input(grad_u, weight.float(), seed, 0.3, 0.5)
     exact = reference_keep(150, 301, 7, 0.3) * (grad_u.float() @ weight.float()) * 0.5 * kept_scale(0.3)
-    torch.testing.assert_close(term.float(), exact, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+    torch.testing.assert_close(term.float(), exact, rtol=rtol, atol=1e-2)
     summed = fused_lora.lora_down_grad_input(grad_u, weight.float(), seed, 0.3, 0.5, addend=addend)
-    torch.testing.assert_close(summed.float(), exact + addend.float(),
-                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+    torch.testing.assert_close(summed.float(), exact + addend.float(), rtol=rtol, atol=1e-2)
     assert summed.dtype == dtype and not torch.equal(summed, addend)
     with pytest.raises(ValueError, match=r"addend of shape \[150, 300\]"):
         fused_lora.lora_down_grad_input(grad_u, weight.float(), seed, 0.3, 0.5, addend=addend[:, :300])
